@@ -1,0 +1,287 @@
+"""The ``moko-guard`` command.
+
+Exit codes: 0 success, 1 a failed operation (including an invalid config),
+2 bad usage (argparse's own code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, Settings, load_settings
+from .errors import ConfigError, GuardError
+from .store import AuditFilter, Store
+
+logger = logging.getLogger(__name__)
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", default=None,
+        help=f"TOML config file (default: ${ENV_PREFIX}CONFIG or {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"\"{value}\" is not a date or time like 2026-12-01 or 2026-12-01T08:00"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moko-guard", description="Single sign-on guard for a CRM.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the forward-auth server or reverse proxy")
+    _config_option(serve)
+    serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (default 4180)")
+    serve.add_argument("--workers", type=int, default=1, help="number of worker processes")
+    serve.add_argument("--upstream", default=None, metavar="URL",
+                       help="proxy allowed requests to this URL (reverse-proxy mode)")
+
+    demo = commands.add_parser("demo", help="run a demo: sample CRM, demo provider and guard")
+    demo.add_argument("--port", type=int, default=4180, help="port of the guarded CRM")
+    demo.add_argument("--provider-port", type=int, default=4190, help="port of the demo provider")
+
+    check = commands.add_parser("check-config", help="validate the config and print every problem")
+    _config_option(check)
+
+    keys = commands.add_parser("keys", help="key tools")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_commands.add_parser("generate", help="print a new random session secret")
+
+    db = commands.add_parser("db", help="database tools")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", help="apply pending schema migrations")
+    _config_option(upgrade)
+
+    users = commands.add_parser("users", help="user administration")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    users_list = user_commands.add_parser("list", help="list users")
+    _config_option(users_list)
+    users_list.add_argument("--json", action="store_true", help="print JSON")
+    for action in ("disable", "enable"):
+        sub = user_commands.add_parser(action, help=f"{action} a user (disabling ends its sessions)")
+        _config_option(sub)
+        sub.add_argument("user", help="user id or username")
+
+    audit = commands.add_parser("audit", help="audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    for action in ("list", "export"):
+        sub = audit_commands.add_parser(action, help=f"{action} audit events, newest first")
+        _config_option(sub)
+        sub.add_argument("--since", type=_parse_time, help="from this UTC time (ISO 8601)")
+        sub.add_argument("--until", type=_parse_time, help="before this UTC time (ISO 8601)")
+        sub.add_argument("--user", help="user id or username")
+        sub.add_argument("--provider", help="provider id")
+        sub.add_argument("--outcome", choices=["success", "failure", "info"])
+        sub.add_argument("--limit", type=int, default=100 if action == "list" else 1_000_000,
+                         help="maximum number of events")
+        if action == "list":
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            sub.add_argument("--format", choices=["csv", "json"], default="csv")
+    return parser
+
+
+# --- commands ----------------------------------------------------------------
+
+
+def _load(path: str | None) -> Settings:
+    return load_settings(path)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    providers = ", ".join(f"{p.id} ({p.type})" for p in settings.providers)
+    print(f"config is valid: mode {settings.server.mode}, providers {providers}, "
+          f"store {settings.store.url.split(':', 1)[0]}")
+    return 0
+
+
+def cmd_keys_generate(_args: argparse.Namespace) -> int:
+    print(secrets.token_urlsafe(48))
+    return 0
+
+
+async def _with_store(settings: Settings) -> Store:
+    store = Store(settings.store.url, busy_timeout=settings.store.busy_timeout)
+    await store.open()
+    return store
+
+
+async def _db_upgrade(settings: Settings) -> int:
+    store = await _with_store(settings)
+    try:
+        version = await store.upgrade()
+    finally:
+        await store.close()
+    print(f"schema is at version {version}")
+    return 0
+
+
+async def _find_user_id(store: Store, value: str) -> int | None:
+    if value.isdigit():
+        user = await store.user_by_id(int(value))
+    else:
+        user = await store.user_by_username(value)
+    return user.id if user else None
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    widths = {c: max([len(c), *(len(str(r.get(c, "") or "")) for r in rows)]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "") or "").ljust(widths[c]) for c in columns))
+
+
+async def _users_list(settings: Settings, as_json: bool) -> int:
+    store = await _with_store(settings)
+    try:
+        users = await store.list_users()
+    finally:
+        await store.close()
+    rows = [{"id": u.id, "username": u.username, "email": u.email, "roles": ",".join(u.roles),
+             "disabled": "yes" if u.disabled else "no",
+             "last_login": u.last_login_at.isoformat(timespec="seconds") if u.last_login_at else ""}
+            for u in users]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, ["id", "username", "email", "roles", "disabled", "last_login"])
+    return 0
+
+
+async def _users_set_disabled(settings: Settings, value: str, disabled: bool) -> int:
+    store = await _with_store(settings)
+    try:
+        user_id = await _find_user_id(store, value)
+        if user_id is None:
+            print(f"user \"{value}\" not found", file=sys.stderr)
+            return 1
+        await store.set_disabled(user_id, disabled)
+        ended = await store.revoke_user_sessions(user_id) if disabled else []
+    finally:
+        await store.close()
+    state = "disabled" if disabled else "enabled"
+    print(f"user {user_id} {state}" + (f", {len(ended)} sessions ended" if disabled else ""))
+    return 0
+
+
+async def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _with_store(settings)
+    try:
+        user_id = None
+        if args.user:
+            user_id = await _find_user_id(store, args.user)
+            if user_id is None:
+                print(f"user \"{args.user}\" not found", file=sys.stderr)
+                return 1
+        records = await store.list_audit(AuditFilter(
+            since=args.since, until=args.until, user_id=user_id, provider=args.provider,
+            outcome=args.outcome, limit=args.limit,
+        ))
+    finally:
+        await store.close()
+    rows = [r.to_json() for r in records]
+    if args.audit_command == "export" and args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["at"])
+        writer.writeheader()
+        writer.writerows(rows)
+    elif getattr(args, "json", False) or args.audit_command == "export":
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, ["at", "event", "outcome", "reason", "provider", "user_id", "email",
+                            "client_ip"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _load(args.config)
+    if args.upstream:
+        server = settings.server.model_copy(update={"upstream": args.upstream})
+        settings = settings.model_copy(update={"server": server})
+    from .server import create_app
+
+    host = args.host or settings.server.host
+    port = args.port or settings.server.port
+    logger.info("serving on http://%s:%d", host, port)
+    uvicorn.run(create_app(settings), host=host, port=port, proxy_headers=False,
+                server_header=False, access_log=False, log_config=None,
+                lifespan="on", workers=None)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.port, args.provider_port)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "keys":
+        return cmd_keys_generate(args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    if args.command == "serve":
+        return cmd_serve(args)
+    settings = _load(args.config)
+    if args.command == "db":
+        return asyncio.run(_db_upgrade(settings))
+    if args.command == "users":
+        if args.users_command == "list":
+            return asyncio.run(_users_list(settings, args.json))
+        return asyncio.run(_users_set_disabled(settings, args.user,
+                                               args.users_command == "disable"))
+    if args.command == "audit":
+        return asyncio.run(_audit(settings, args))
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every request URL at INFO; keep provider calls out of the operator log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return dispatch(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except GuardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""``moko-guard demo``: the sample CRM behind the guard, with a local demo provider.
+
+Everything listens on 127.0.0.1 only and keeps its data in a temporary folder
+that is removed on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from ..config import Settings, settings_from_mapping
+from ..middleware import GuardMiddleware
+from .provider import DemoProvider
+
+logger = logging.getLogger(__name__)
+
+DEMO_HOST = "127.0.0.1"
+DEMO_CLIENT_ID = "moko-demo"
+DEMO_EMAIL_DOMAIN = "example.com"
+SAMPLE_CRM_PATH = Path(__file__).resolve().parents[2] / "examples" / "sample_crm.py"
+
+
+def load_sample_crm(path: Path = SAMPLE_CRM_PATH) -> ASGIApp:
+    """Import ``examples/sample_crm.py`` from the source checkout and return its ``app``."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"sample CRM not found at {path}: run the demo from a source checkout "
+            "(pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location("moko_guard_sample_crm", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    app: ASGIApp = module.app
+    return app
+
+
+def demo_settings(port: int, provider_port: int, data_dir: Path, client_secret: str) -> Settings:
+    return settings_from_mapping({
+        "server": {
+            "public_url": f"http://{DEMO_HOST}:{port}",
+            "enforce_https": False,
+            "insecure_allow_http": True,
+        },
+        "session": {"secrets": [secrets.token_urlsafe(48)], "lifetime": "8h"},
+        "store": {"url": f"sqlite:///{data_dir / 'guard.db'}"},
+        "access": {
+            "auto_provision": True,
+            "provision_email_domains": [DEMO_EMAIL_DOMAIN],
+            "default_roles": ["user"],
+            "public_paths": ["/static/"],
+        },
+        "providers": [{
+            "id": "demo",
+            "type": "oidc",
+            "name": "Demo provider",
+            "issuer": f"http://{DEMO_HOST}:{provider_port}",
+            "insecure_allow_http_issuer": True,
+            "client_id": DEMO_CLIENT_ID,
+            "client_secret": client_secret,
+            "id_token_algorithms": ["RS256"],
+        }],
+    })
+
+
+async def _serve(port: int, provider_port: int, data_dir: Path) -> None:
+    client_secret = secrets.token_urlsafe(32)
+    settings = demo_settings(port, provider_port, data_dir, client_secret)
+    provider = DemoProvider(
+        issuer=f"http://{DEMO_HOST}:{provider_port}", client_id=DEMO_CLIENT_ID,
+        client_secret=client_secret, redirect_uri=settings.server.redirect_uri,
+        email_domain=DEMO_EMAIL_DOMAIN,
+    )
+    crm = GuardMiddleware(load_sample_crm(), settings)
+    servers = [
+        uvicorn.Server(uvicorn.Config(provider.app(), host=DEMO_HOST, port=provider_port,
+                                      log_level="warning", lifespan="off")),
+        uvicorn.Server(uvicorn.Config(crm, host=DEMO_HOST, port=port, log_level="warning",
+                                      lifespan="on")),
+    ]
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    while not all(server.started for server in servers):
+        if any(task.done() for task in tasks):
+            break
+        await asyncio.sleep(0.05)
+    if all(server.started for server in servers):
+        print(f"moko_guard demo is running. Open http://{DEMO_HOST}:{port}/ in a browser.")
+        print(f"Sign in with any email at {DEMO_EMAIL_DOMAIN} on the demo provider "
+              f"(http://{DEMO_HOST}:{provider_port}). Press Ctrl+C to stop.", flush=True)
+    done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+def run_demo(port: int = 4180, provider_port: int = 4190) -> int:
+    with tempfile.TemporaryDirectory(prefix="moko-guard-demo-") as folder:
+        try:
+            asyncio.run(_serve(port, provider_port, Path(folder)))
+        except KeyboardInterrupt:
+            pass
+        except (OSError, SystemExit) as exc:
+            print(f"demo failed to start: {exc}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,481 @@
+"""The core shared by every mode: sign-in flow endpoints, session checks, access decisions.
+
+The middleware, the forward-auth server and the reverse proxy all hold one
+:class:`Guard` and ask it the same questions, so no mode carries its own copy
+of a security decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from typing import Literal
+from urllib.parse import quote, urlencode, urlsplit
+
+import httpx
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request, cookie_parser
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import Scope
+
+from .audit import AuditEvent, Auditor, escape_control
+from .config import Settings
+from .errors import LoginError, StoreError
+from .flow import FlowManager, FlowState, cookie_name as flow_cookie_name
+from .forwarding import RequestInfo, request_info
+from .headers import IdentityHeaders, header_value
+from .identity import Principal
+from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path
+from .policy import SignInPolicy
+from .providers import Provider, build_provider
+from .redirects import RedirectPolicy, check_redirect
+from .sessions import SessionCheck, SessionManager
+from .store import IdentityTaken, Store
+from .web import ProviderButton, message_page, sign_in_page
+
+logger = logging.getLogger(__name__)
+
+Decision = Literal["allow", "anonymous", "unauthenticated", "forbidden", "bad_request"]
+
+
+@dataclass(frozen=True)
+class AccessResult:
+    """The outcome of one access check."""
+
+    decision: Decision
+    principal: Principal | None = None
+    reason: str | None = None
+    path: str | None = None
+
+
+def _is_api_client(scope: Scope) -> bool:
+    headers = scope.get("headers", [])
+    accept = (header_value(headers, b"accept") or "").lower()
+    requested_with = (header_value(headers, b"x-requested-with") or "").lower()
+    wants_json = "application/json" in accept and "text/html" not in accept
+    return wants_json or requested_with == "xmlhttprequest"
+
+
+class Guard:
+    """Everything the modes share: settings, store, providers, sessions and endpoints."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = Store(settings.store.url, busy_timeout=settings.store.busy_timeout)
+        self.auditor = Auditor(self.store)
+        secret_values = [secret.get() for secret in settings.session.secrets]
+        self.sessions = SessionManager(
+            secret_values, self.store, lifetime=settings.session.lifetime,
+            poll_interval=settings.session.revocation_poll_interval, clock=clock,
+        )
+        self.flows = FlowManager(self.sessions.sealer, clock)
+        self.http = http_client or httpx.AsyncClient(
+            follow_redirects=False, headers={"User-Agent": "moko-guard"}
+        )
+        self._owns_http = http_client is None
+        self.providers: dict[str, Provider] = {
+            p.id: build_provider(p, self.http) for p in settings.providers
+        }
+        self.policy = SignInPolicy(settings.access, self.store)
+        self.identity_headers = IdentityHeaders(settings.headers)
+        server = settings.server
+        self.prefix = server.prefix
+        self.callback_path = server.effective_callback_path
+        self.secure_cookies = server.enforce_https
+        public = urlsplit(server.public_url)
+        self.redirect_policy = RedirectPolicy(
+            public_host=server.public_host,
+            public_port=public.port,
+            allowed_hosts=tuple(settings.access.allowed_redirect_hosts),
+            allow_http=not server.enforce_https,
+        )
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self.router = Router(routes=self._routes())
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def startup(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            if self.settings.server.insecure_allow_http:
+                logger.warning("insecure_allow_http is on: cookies are sent over plain http; "
+                               "use this for loopback testing only")
+            logger.info("guard_starting providers=%s trusted_proxies=%s mode=%s",
+                        ",".join(self.providers), self.settings.server.trusted_proxies,
+                        self.settings.server.mode)
+            await self.store.open()
+            await self.sessions.start()
+            self._started = True
+
+    async def shutdown(self) -> None:
+        await self.sessions.stop()
+        await self.store.close()
+        if self._owns_http:
+            await self.http.aclose()
+        self._started = False
+
+    async def ensure_started(self) -> None:
+        if not self._started:
+            await self.startup()
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"store": await self.store.ping()}
+        for provider_id, provider in self.providers.items():
+            checks[f"provider:{provider_id}"] = await provider.ready()
+        return checks
+
+    # --- request helpers -----------------------------------------------------
+
+    def info(self, scope: Scope) -> RequestInfo:
+        return request_info(scope, self.settings.server.trusted_proxies)
+
+    def request_id(self, scope: Scope, info: RequestInfo | None = None) -> str:
+        existing = scope.get("state", {}).get("moko_request_id") if "state" in scope else None
+        if isinstance(existing, str):
+            return existing
+        info = info or self.info(scope)
+        supplied = header_value(scope.get("headers", []), b"x-request-id") if info.trusted_peer else None
+        if supplied and len(supplied) <= 64 and supplied.replace("-", "").isalnum():
+            request_id = supplied
+        else:
+            request_id = secrets.token_hex(8)
+        scope.setdefault("state", {})["moko_request_id"] = request_id
+        return request_id
+
+    def session_cookie(self, scope: Scope) -> str | None:
+        raw = header_value(scope.get("headers", []), b"cookie")
+        if not raw:
+            return None
+        return cookie_parser(raw).get(self.settings.session.cookie_name)
+
+    def check_session(self, scope: Scope) -> SessionCheck:
+        """The hot path: open the session cookie, no I/O."""
+        return self.sessions.check(self.session_cookie(scope))
+
+    def access(self, scope: Scope, target: str | None = None) -> AccessResult:
+        """Decide a request from its path (``target`` overrides it, for forward-auth)."""
+        raw_target = target
+        if raw_target is None:
+            raw_path = scope.get("raw_path")
+            raw_target = raw_path.decode("latin-1") if raw_path else quote(scope.get("path", "/"))
+        try:
+            path = normalise_path(raw_target)
+        except AmbiguousPath as exc:
+            logger.warning("ambiguous_path reason=%s path=%s", exc, escape_control(raw_target[:200]))
+            return AccessResult("bad_request", reason="ambiguous_path")
+
+        access = self.settings.access
+        if is_public(path, access.public_paths):
+            return AccessResult("anonymous", path=path)
+
+        check = self.check_session(scope)
+        principal = check.principal
+        if principal is None:
+            if self.settings.server.mode == "optional":
+                return AccessResult("anonymous", reason=check.reason, path=path)
+            return AccessResult("unauthenticated", reason=check.reason, path=path)
+
+        denial = self._role_denial(principal, path, scope.get("method", "GET"))
+        if denial is not None:
+            return AccessResult("forbidden", principal, denial, path)
+        return AccessResult("allow", principal, path=path)
+
+    def _role_denial(self, principal: Principal, path: str, method: str) -> str | None:
+        access = self.settings.access
+        roles = set(principal.roles)
+        if access.allowed_roles and not roles & set(access.allowed_roles):
+            return "role_not_allowed"
+        for rule in access.rules:
+            if rule.methods and method.upper() not in {m.upper() for m in rule.methods}:
+                continue
+            if matches_prefix(path, rule.path, ignore_case=True):
+                if rule.roles and not roles & set(rule.roles):
+                    return "missing_role:" + ",".join(rule.roles)
+                return None
+        return None
+
+    def sign_in_url(self, rd: str | None) -> str:
+        query = f"?{urlencode({'rd': rd})}" if rd else ""
+        return f"{self.prefix}/sign_in{query}"
+
+    # --- cookies ---------------------------------------------------------------
+
+    def _set_cookie(self, response: Response, name: str, value: str, *, max_age: int,
+                    path: str = "/", domain: str | None = None) -> None:
+        response.set_cookie(
+            name, value, max_age=max_age, path=path, domain=domain,
+            secure=self.secure_cookies, httponly=True, samesite="lax",
+        )
+
+    def _clear_cookie(self, response: Response, name: str, *, path: str = "/",
+                      domain: str | None = None) -> None:
+        response.delete_cookie(name, path=path, domain=domain, secure=self.secure_cookies,
+                               httponly=True, samesite="lax")
+
+    def _set_session_cookie(self, response: Response, value: str) -> None:
+        self._set_cookie(response, self.settings.session.cookie_name, value,
+                         max_age=int(self.settings.session.lifetime),
+                         domain=self.settings.session.cookie_domain)
+
+    def _clear_session_cookie(self, response: Response) -> None:
+        self._clear_cookie(response, self.settings.session.cookie_name,
+                           domain=self.settings.session.cookie_domain)
+
+    # --- audit -----------------------------------------------------------------
+
+    async def audit(self, request: Request, event: AuditEvent) -> None:
+        info = self.info(request.scope)
+        ua = request.headers.get("user-agent")
+        filled = AuditEvent(**{
+            **event.__dict__,
+            "client_ip": event.client_ip or info.client_ip,
+            "user_agent": event.user_agent or ua,
+            "request_id": event.request_id or self.request_id(request.scope, info),
+        })
+        await self.auditor.record(filled)
+
+    # --- endpoints ---------------------------------------------------------------
+
+    def _routes(self) -> list[Route]:
+        p = self.prefix
+        routes = [
+            Route(f"{p}/sign_in", self.sign_in, methods=["GET", "HEAD"]),
+            Route(f"{p}/start", self.start, methods=["GET", "HEAD"]),
+            Route(self.callback_path, self.callback, methods=["GET"]),
+            Route(f"{p}/sign_out", self.sign_out, methods=["GET", "POST"]),
+            Route(f"{p}/userinfo", self.userinfo, methods=["GET"]),
+            Route(f"{p}/auth", self.auth, methods=["GET", "HEAD", "POST", "PUT", "PATCH",
+                                                   "DELETE", "OPTIONS"]),
+        ]
+        if self.callback_path != f"{p}/callback":
+            routes.append(Route(f"{p}/callback", self.callback, methods=["GET"]))
+        return routes
+
+    def handles(self, path: str) -> bool:
+        """True for paths the guard serves itself."""
+        return path == self.callback_path or matches_prefix(path, self.prefix)
+
+    def _buttons(self, rd: str) -> list[ProviderButton]:
+        return [
+            ProviderButton(pid, provider.name,
+                           f"{self.prefix}/start?{urlencode({'provider': pid, 'rd': rd})}")
+            for pid, provider in self.providers.items()
+        ]
+
+    def _checked_rd(self, request: Request, raw: str | None) -> str:
+        result = check_redirect(raw, self.redirect_policy)
+        if result.rejected:
+            logger.warning("redirect_rejected rd=%s request_id=%s",
+                           escape_control((raw or "")[:300]), self.request_id(request.scope))
+        return result.target
+
+    async def sign_in(self, request: Request) -> Response:
+        rd = self._checked_rd(request, request.query_params.get("rd"))
+        return sign_in_page(self._buttons(rd))
+
+    async def start(self, request: Request) -> Response:
+        await self.ensure_started()
+        provider_id = request.query_params.get("provider", "")
+        rd = self._checked_rd(request, request.query_params.get("rd"))
+        provider = self.providers.get(provider_id)
+        if provider is None:
+            return await self._login_failed(
+                request, LoginError("unknown_provider", f"provider {provider_id[:40]!r}", status=400),
+                provider=provider_id[:40] or None, rd=rd,
+            )
+        return await self._redirect_to_provider(request, provider, rd, link_user_id=None)
+
+    async def _redirect_to_provider(self, request: Request, provider: Provider, rd: str,
+                                    link_user_id: int | None) -> Response:
+        flow = self.flows.begin(provider.id, rd, link_user_id)
+        try:
+            url = await provider.authorization_url(
+                state=flow.state, nonce=flow.nonce,
+                code_challenge=_challenge(flow), redirect_uri=self.settings.server.redirect_uri,
+            )
+        except LoginError as exc:
+            return await self._login_failed(request, exc, provider=provider.id, rd=rd)
+        response = RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+        self._set_cookie(response, flow.cookie_name, self.flows.seal(flow),
+                         max_age=600, path=self.callback_path)
+        return response
+
+    async def callback(self, request: Request) -> Response:
+        await self.ensure_started()
+        params = request.query_params
+        state = params.get("state")
+        attempt_id = self.flows.attempt_id_of(state)
+        sealed = request.cookies.get(flow_cookie_name(attempt_id)) if attempt_id else None
+        provider_id: str | None = None
+        try:
+            flow = self.flows.resume(state, sealed)
+            provider_id = flow.provider
+            response = await self._finish(request, flow)
+        except LoginError as exc:
+            response = await self._login_failed(request, exc, provider=provider_id)
+        except (StoreError, SQLAlchemyError, OSError) as exc:
+            logger.error("store_error during callback: %s", type(exc).__name__)
+            response = await self._login_failed(
+                request, LoginError("store_unavailable", type(exc).__name__, status=503),
+                provider=provider_id,
+            )
+        if attempt_id:
+            self._clear_cookie(response, flow_cookie_name(attempt_id), path=self.callback_path)
+        return response
+
+    async def _finish(self, request: Request, flow: FlowState) -> Response:
+        params = request.query_params
+        provider = self.providers.get(flow.provider)
+        if provider is None:
+            raise LoginError("unknown_provider", f"provider {flow.provider!r}", status=400)
+        error = params.get("error")
+        if error:
+            status = 403 if error in ("access_denied", "consent_required", "login_required") else 502
+            raise LoginError("provider_denied", f"error={error[:64]}", status=status)
+        code = params.get("code")
+        if not code or len(code) > 4096:
+            raise LoginError("invalid_request", "callback without a code", status=400)
+
+        identity = await provider.complete(
+            code=code, redirect_uri=self.settings.server.redirect_uri,
+            code_verifier=flow.code_verifier, nonce=flow.nonce,
+        )
+        try:
+            resolution = await self.policy.resolve(identity)
+        except LoginError as exc:
+            raise _with_identity(exc, identity.subject, identity.email) from None
+        user = resolution.user
+        await self.store.record_login(user.id, identity.provider, identity.subject)
+
+        info = self.info(request.scope)
+        cookie_value, principal = await self.sessions.issue(
+            user, identity.provider, identity.username,
+            client_ip=info.client_ip, user_agent=request.headers.get("user-agent"),
+        )
+        base = AuditEvent("login.success", "success", provider=identity.provider,
+                          subject=identity.subject, user_id=user.id, email=identity.email)
+        if resolution.provisioned:
+            await self.audit(request, AuditEvent(**{**base.__dict__, "event": "user.provisioned",
+                                                    "outcome": "info"}))
+        if resolution.linked:
+            await self.audit(request, AuditEvent(**{**base.__dict__, "event": "identity.linked",
+                                                    "outcome": "info"}))
+        await self.audit(request, base)
+        logger.info("login_success provider=%s user_id=%d session=%s", identity.provider,
+                    user.id, principal.session_id[:8])
+
+        target = self._checked_rd(request, flow.redirect_to)
+        response = RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
+        self._set_session_cookie(response, cookie_value)
+        return response
+
+    async def _login_failed(self, request: Request, error: LoginError, *,
+                            provider: str | None, rd: str = "/") -> Response:
+        subject, email = getattr(error, "subject", None), getattr(error, "email", None)
+        await self.audit(request, AuditEvent(
+            "login.failure", "failure", reason=error.reason, provider=provider,
+            subject=subject, email=email, detail=error.detail,
+        ))
+        logger.warning("login_failed reason=%s provider=%s detail=%s", error.reason, provider,
+                       escape_control(error.detail))
+        headers = {"Retry-After": "30"} if error.status == 503 else None
+        return sign_in_page(self._buttons(rd), reason=error.reason,
+                            request_id=self.request_id(request.scope), status=error.status,
+                            headers=headers)
+
+    async def sign_out(self, request: Request) -> Response:
+        await self.ensure_started()
+        check = self.check_session(request.scope)
+        principal = check.principal
+        if principal is not None:
+            try:
+                await self.sessions.revoke(principal)
+            except (StoreError, SQLAlchemyError, OSError) as exc:
+                logger.error("sign_out_store_error error=%s", type(exc).__name__)
+            event = dict(provider=principal.provider, user_id=principal.user_id,
+                         email=principal.email)
+            await self.audit(request, AuditEvent("sign_out", "info", **event))
+            await self.audit(request, AuditEvent("session.revoked", "info", reason="sign_out",
+                                                 **event))
+        raw_rd = request.query_params.get("rd")
+        if raw_rd:
+            response: Response = RedirectResponse(self._checked_rd(request, raw_rd), status_code=302)
+        else:
+            response = message_page(
+                "Signed out", "You are signed out.", link=self.sign_in_url(None),
+                link_text="Sign in again",
+            )
+        self._clear_session_cookie(response)
+        return response
+
+    async def userinfo(self, request: Request) -> Response:
+        principal = self.check_session(request.scope).principal
+        if principal is None:
+            return JSONResponse({"error": "unauthenticated", "message": "no valid session"},
+                                status_code=401, headers={"Cache-Control": "no-store"})
+        return JSONResponse(principal.to_json(), headers={"Cache-Control": "no-store"})
+
+    async def auth(self, request: Request) -> Response:
+        """nginx ``auth_request``: 202 with identity headers, 401 or 403; never 2xx on error."""
+        try:
+            return self._auth_decision(request)
+        except Exception:  # noqa: BLE001 - an auth answer must never be an accidental 2xx
+            logger.exception("auth_check_failed request_id=%s", self.request_id(request.scope))
+            return Response(status_code=401, headers={"Cache-Control": "no-store"})
+
+    def _auth_decision(self, request: Request) -> Response:
+        info = self.info(request.scope)
+        target: str | None = None
+        if info.trusted_peer:
+            target = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri")
+        if target is None:
+            # Without a trusted original URI there is no path to check rules against.
+            target = "/"
+        result = self.access(request.scope, target)
+        headers = {"Cache-Control": "no-store"}
+        if result.decision == "allow" and result.principal is not None:
+            headers.update(self.identity_headers.build(result.principal))
+            return Response(status_code=202, headers=headers)
+        if result.decision == "anonymous":
+            return Response(status_code=202, headers=headers)
+        if result.decision == "forbidden":
+            return Response(status_code=403, headers=headers)
+        return Response(status_code=401, headers=headers)
+
+
+def _challenge(flow: FlowState) -> str:
+    from .flow import code_challenge
+
+    return code_challenge(flow.code_verifier)
+
+
+def _with_identity(error: LoginError, subject: str, email: str | None) -> LoginError:
+    error.subject = subject  # type: ignore[attr-defined]
+    error.email = email  # type: ignore[attr-defined]
+    return error
+
+
+def parse_set_cookie_names(response: Response) -> list[str]:
+    """Names of the cookies a response sets (used by tests and the proxy)."""
+    names = []
+    for key, value in response.raw_headers:
+        if key == b"set-cookie":
+            cookie = SimpleCookie()
+            cookie.load(value.decode("latin-1"))
+            names.extend(cookie.keys())
+    return names

@@ -1,0 +1,104 @@
+"""Identity headers: the ones the guard sets, and every spelling a client could forge.
+
+A client must never be able to send an identity header the upstream trusts.
+Before the upstream sees a request, every header whose name, compared
+case-insensitively with ``_`` and ``-`` treated alike, is one of the configured
+names or a well-known identity header (``X-Forwarded-User``, ``Remote-User``,
+...) is removed. Treating ``_`` as ``-`` matters because nginx, PHP's CGI
+variables and WSGI servers map ``X_Auth_Request_User`` and
+``X-Auth-Request-User`` to the same variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .config import HeaderSettings
+from .flow import FLOW_COOKIE_PREFIX
+from .identity import Principal
+
+WELL_KNOWN_IDENTITY_HEADERS = (
+    "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
+    "x-forwarded-groups", "x-forwarded-access-token", "remote-user", "x-remote-user",
+    "x-auth-request-user", "x-auth-request-email", "x-auth-request-roles",
+    "x-auth-request-groups", "x-auth-request-provider", "x-auth-request-preferred-username",
+    "x-auth-request-access-token", "x-moko-identity", "x-user", "x-email",
+)
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def canonical(name: str | bytes) -> str:
+    """Lower-case a header name and map ``_`` to ``-``, the form used for matching."""
+    text = name.decode("latin-1") if isinstance(name, bytes) else name
+    return text.strip().lower().replace("_", "-")
+
+
+class IdentityHeaders:
+    def __init__(self, settings: HeaderSettings) -> None:
+        self.settings = settings
+        self.blocked = frozenset(
+            canonical(n) for n in (*WELL_KNOWN_IDENTITY_HEADERS, *settings.names())
+        )
+
+    def is_identity_header(self, name: str | bytes) -> bool:
+        return canonical(name) in self.blocked
+
+    def strip(self, headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+        return [(k, v) for k, v in headers if canonical(k) not in self.blocked]
+
+    def strip_request(self, headers: Iterable[tuple[bytes, bytes]], session_cookie: str,
+                      ) -> RawHeaders:
+        """Remove identity headers and the guard's own cookies from a client's request."""
+        cleaned: RawHeaders = []
+        for key, value in headers:
+            if canonical(key) in self.blocked:
+                continue
+            if key.lower() == b"cookie":
+                kept = strip_guard_cookies(value.decode("latin-1"), session_cookie)
+                if kept:
+                    cleaned.append((b"cookie", kept.encode("latin-1")))
+                continue
+            cleaned.append((key, value))
+        return cleaned
+
+    def build(self, principal: Principal) -> list[tuple[str, str]]:
+        """The headers handed to the upstream for a signed-in user."""
+        names = self.settings
+        values = [
+            (names.user, principal.username),
+            (names.email, principal.email or ""),
+            (names.roles, ",".join(principal.roles)),
+            (names.provider, principal.provider),
+            (names.preferred_username, principal.preferred_username or principal.username),
+        ]
+        return [(k, _header_safe(v)) for k, v in values if v]
+
+    def build_raw(self, principal: Principal) -> RawHeaders:
+        return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.build(principal)]
+
+
+def strip_guard_cookies(cookie_header: str, session_cookie: str) -> str:
+    """Remove the guard's session and flow cookies from a ``Cookie`` header value."""
+    kept = []
+    for part in cookie_header.split(";"):
+        name = part.split("=", 1)[0].strip()
+        if name == session_cookie or name.startswith(FLOW_COOKIE_PREFIX + "_"):
+            continue
+        if part.strip():
+            kept.append(part.strip())
+    return "; ".join(kept)
+
+
+def _header_safe(value: str) -> str:
+    """Drop characters that cannot travel in an HTTP header value."""
+    cleaned = "".join(ch for ch in value if 0x20 <= ord(ch) < 0x7f)
+    return cleaned
+
+
+def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of a header in raw ASGI headers, or None."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None

@@ -1,0 +1,52 @@
+"""What a provider asserts about a person, and what a session carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A provider's answer, in one shape for every provider type."""
+
+    provider: str
+    subject: str
+    email: str | None = None
+    email_verified: bool = False
+    name: str | None = None
+    username: str | None = None
+    groups: tuple[str, ...] = ()
+
+    @property
+    def email_domain(self) -> str | None:
+        """The part after the last ``@``, lower-cased, or None without an email."""
+        if not self.email or "@" not in self.email:
+            return None
+        return self.email.rsplit("@", 1)[1].lower()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The signed-in user as the session cookie carries it."""
+
+    session_id: str
+    user_id: int
+    username: str
+    email: str | None
+    roles: tuple[str, ...]
+    provider: str
+    preferred_username: str | None
+    issued_at: float
+    expires_at: float
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "user": self.username,
+            "user_id": self.user_id,
+            "email": self.email,
+            "roles": list(self.roles),
+            "provider": self.provider,
+            "preferred_username": self.preferred_username,
+            "expires_at": int(self.expires_at),
+        }

@@ -1,0 +1,84 @@
+"""One normalised request path for every access decision.
+
+Public paths, access rules and SSO-only blocks are matched on the path the
+upstream will act on: percent-decoded once, with ``//`` collapsed and ``.`` and
+``..`` segments resolved (RFC 3986 section 5.2.4), and without the query. A
+path that can be read two ways is refused instead of guessed: an invalid or
+double percent-encoding, a backslash, a control character or a ``;``
+parameter on a dot segment. Deny rules compare case-insensitively, so
+``/ADMIN`` cannot slip past a rule for ``/admin`` on a case-insensitive
+upstream; public paths compare exactly, so they never admit more than listed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_VALID_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+_ANY_PERCENT_RE = re.compile(r"%")
+_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f\\#]")
+
+
+class AmbiguousPath(ValueError):
+    """The path cannot be normalised to one meaning."""
+
+
+def _percent_decode(path: str) -> str:
+    if len(_ANY_PERCENT_RE.findall(path)) != len(_VALID_ESCAPE_RE.findall(path)):
+        raise AmbiguousPath("invalid percent-encoding")
+    raw = bytearray()
+    index = 0
+    while index < len(path):
+        char = path[index]
+        if char == "%":
+            raw.append(int(path[index + 1:index + 3], 16))
+            index += 3
+        else:
+            raw.extend(char.encode("utf-8"))
+            index += 1
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AmbiguousPath("percent-encoding is not UTF-8") from None
+    if _VALID_ESCAPE_RE.search(decoded):
+        raise AmbiguousPath("double percent-encoding")
+    return decoded
+
+
+def normalise_path(target: str) -> str:
+    """Return the normalised path of a request target, or raise :class:`AmbiguousPath`."""
+    path = target.split("?", 1)[0]
+    if not path.startswith("/"):
+        raise AmbiguousPath("path does not start with /")
+    decoded = _percent_decode(path)
+    if _FORBIDDEN_RE.search(decoded):
+        raise AmbiguousPath("backslash, fragment, space or control character in path")
+
+    segments: list[str] = []
+    for segment in decoded.split("/")[1:]:
+        bare = segment.split(";", 1)[0]
+        if bare in (".", "..") and bare != segment:
+            raise AmbiguousPath("parameter on a dot segment")
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    trailing = "/" if decoded.endswith(("/", "/.", "/..")) and segments else ""
+    return "/" + "/".join(segments) + trailing
+
+
+def matches_prefix(path: str, prefix: str, *, ignore_case: bool = False) -> bool:
+    """True when ``path`` is ``prefix`` or lies below it (a prefix ending in ``/`` is a folder)."""
+    if ignore_case:
+        path, prefix = path.lower(), prefix.lower()
+    if prefix.endswith("/"):
+        return path.startswith(prefix) or path == prefix[:-1]
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def is_public(path: str, public_paths: Sequence[str]) -> bool:
+    return any(matches_prefix(path, entry) for entry in public_paths)

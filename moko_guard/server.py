@@ -1,0 +1,62 @@
+"""The standalone server: forward-auth for nginx ``auth_request`` and health checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .config import Settings
+from .guard import Guard
+from .middleware import GuardMiddleware
+
+logger = logging.getLogger(__name__)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    body = b"moko-guard: this path is not served here (forward-auth mode)\n"
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardServer:
+    """Health and readiness endpoints in front of the guarded app."""
+
+    def __init__(self, guard: Guard, app: ASGIApp) -> None:
+        self.guard = guard
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") in ("/healthz", "/readyz"):
+            await self._health(scope, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _health(self, scope: Scope, send: Send) -> None:
+        if scope["path"] == "/healthz":
+            status, payload = 200, {"status": "ok"}
+        else:
+            await self.guard.ensure_started()
+            checks = await self.guard.readiness()
+            ready = all(checks.values())
+            status, payload = (200 if ready else 503), {"ready": ready, "checks": checks}
+        body = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"cache-control", b"no-store"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings, *, guard: Guard | None = None) -> GuardServer:
+    """Build the ASGI app that ``moko-guard serve`` runs."""
+    guard = guard or Guard(settings)
+    inner: ASGIApp = _not_found
+    if settings.server.upstream:
+        from .proxy import ProxyApp
+
+        inner = ProxyApp(settings.server.upstream, guard)
+    return GuardServer(guard, GuardMiddleware(inner, guard=guard))

@@ -1,0 +1,182 @@
+"""Session cookies and their revocation.
+
+The cookie carries the signed-in user sealed with AES-256-GCM (see
+``sealing.py``); provider tokens are never put in it. Checking a cookie needs no
+database query: revoked session ids live in memory until their sessions would
+have expired anyway. This process adds an id at once when it revokes a session,
+and every ``revocation_poll_interval`` seconds it reads the revocations other
+processes wrote to the store, which bounds how long a revoked cookie keeps
+working on another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from .identity import Principal
+from .sealing import Sealer, SealError
+from .store import Store, UserRecord
+
+logger = logging.getLogger(__name__)
+
+SESSION_PURPOSE = "session"
+
+
+@dataclass(frozen=True)
+class SessionCheck:
+    principal: Principal | None
+    reason: str | None  # why the cookie was not accepted: "tampered", "expired", "revoked"
+
+
+def _timestamp(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
+
+
+class RevocationList:
+    """Session ids revoked before their expiry, kept until that expiry."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._revoked: dict[str, float] = {}
+        self._clock = clock
+
+    def add(self, session_id: str, expires_at: float) -> None:
+        self._revoked[session_id] = expires_at
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._revoked
+
+    def __len__(self) -> int:
+        return len(self._revoked)
+
+    def prune(self) -> None:
+        now = self._clock()
+        for session_id in [sid for sid, exp in self._revoked.items() if exp < now]:
+            del self._revoked[session_id]
+
+
+class SessionManager:
+    def __init__(
+        self,
+        secrets_: Sequence[str],
+        store: Store,
+        *,
+        lifetime: float,
+        poll_interval: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sealer = Sealer(secrets_)
+        self.store = store
+        self.lifetime = lifetime
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.revoked = RevocationList(clock)
+        self._last_poll: datetime | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    def rotate(self, secrets_: Sequence[str]) -> None:
+        """Replace the keys; cookies sealed with any of the new secrets still open."""
+        self.sealer = Sealer(secrets_)
+
+    async def issue(
+        self,
+        user: UserRecord,
+        provider: str,
+        preferred_username: str | None,
+        *,
+        client_ip: str | None,
+        user_agent: str | None,
+    ) -> tuple[str, Principal]:
+        """Create a session in the store and return its cookie value and principal."""
+        now = self.clock()
+        principal = Principal(
+            session_id=secrets.token_urlsafe(24),
+            user_id=user.id,
+            username=user.username,
+            email=user.email,
+            roles=user.roles,
+            provider=provider,
+            preferred_username=preferred_username,
+            issued_at=now,
+            expires_at=now + self.lifetime,
+        )
+        await self.store.create_session(
+            session_id=principal.session_id, user_id=user.id, provider=provider,
+            created_at=_timestamp(now), expires_at=_timestamp(principal.expires_at),
+            client_ip=client_ip, user_agent=(user_agent or "")[:512] or None,
+        )
+        payload = {
+            "sid": principal.session_id, "uid": user.id, "usr": user.username,
+            "eml": user.email, "rol": list(user.roles), "prv": provider,
+            "pun": preferred_username, "iat": int(now), "exp": int(principal.expires_at),
+        }
+        return self.sealer.seal(payload, SESSION_PURPOSE), principal
+
+    def check(self, cookie_value: str | None) -> SessionCheck:
+        """Open a session cookie; the hot path: no I/O."""
+        if not cookie_value:
+            return SessionCheck(None, None)
+        try:
+            data = self.sealer.open(cookie_value, SESSION_PURPOSE)
+            principal = Principal(
+                session_id=str(data["sid"]), user_id=int(data["uid"]), username=str(data["usr"]),
+                email=data["eml"] if isinstance(data.get("eml"), str) else None,
+                roles=tuple(str(r) for r in data["rol"]), provider=str(data["prv"]),
+                preferred_username=data["pun"] if isinstance(data.get("pun"), str) else None,
+                issued_at=float(data["iat"]), expires_at=float(data["exp"]),
+            )
+        except (SealError, KeyError, TypeError, ValueError):
+            return SessionCheck(None, "tampered")
+        if self.clock() >= principal.expires_at:
+            return SessionCheck(None, "expired")
+        if principal.session_id in self.revoked:
+            return SessionCheck(None, "revoked")
+        return SessionCheck(principal, None)
+
+    async def revoke(self, principal: Principal) -> None:
+        self.revoked.add(principal.session_id, principal.expires_at)
+        await self.store.revoke_session(principal.session_id)
+
+    async def revoke_user(self, user_id: int) -> list[str]:
+        """Revoke every session of a user, here at once and on other replicas by polling."""
+        ids = await self.store.revoke_user_sessions(user_id)
+        horizon = self.clock() + self.lifetime
+        for session_id in ids:
+            self.revoked.add(session_id, horizon)
+        return ids
+
+    async def poll_revocations(self) -> None:
+        """Load revocations written since the last poll (by any process)."""
+        started = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1)
+        rows = await self.store.revoked_sessions_since(self._last_poll)
+        for session_id, expires_at, _revoked_at in rows:
+            self.revoked.add(session_id, expires_at.replace(tzinfo=UTC).timestamp())
+        self._last_poll = started
+        self.revoked.prune()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll_revocations()
+            except Exception:  # noqa: BLE001 - the poller must outlive a store outage
+                logger.exception("revocation_poll_failed")
+
+    async def start(self) -> None:
+        await self.poll_revocations()
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll_forever(), name="moko-revocation-poll")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+            self._poller = None

@@ -1,0 +1,100 @@
+"""Tables of the store and their versioned migrations (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, so BigInteger becomes Integer there.
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+schema_version = Table(
+    "moko_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", DateTime, nullable=False),
+)
+
+users = Table(
+    "moko_users",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("username", String(320), nullable=False, unique=True),
+    # Lower-cased verified email; the one column emails are matched on.
+    Column("email", String(320), nullable=True, unique=True),
+    Column("display_name", String(255), nullable=True),
+    Column("roles", Text, nullable=False, default=""),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("last_login_at", DateTime, nullable=True),
+)
+
+identities = Table(
+    "moko_identities",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("user_id", _Id, ForeignKey("moko_users.id", ondelete="CASCADE"), nullable=False),
+    Column("provider", String(40), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("email", String(320), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("last_login_at", DateTime, nullable=True),
+    UniqueConstraint("provider", "subject", name="uq_moko_identities_provider_subject"),
+    Index("ix_moko_identities_user", "user_id"),
+)
+
+sessions = Table(
+    "moko_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", _Id, ForeignKey("moko_users.id", ondelete="CASCADE"), nullable=False),
+    Column("provider", String(40), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Column("revoked_at", DateTime, nullable=True),
+    Column("client_ip", String(64), nullable=True),
+    Column("user_agent", String(512), nullable=True),
+    Index("ix_moko_sessions_user", "user_id"),
+    Index("ix_moko_sessions_revoked", "revoked_at"),
+)
+
+audit_log = Table(
+    "moko_audit_log",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", String(64), nullable=True),
+    Column("provider", String(40), nullable=True),
+    Column("subject", String(255), nullable=True),
+    Column("user_id", _Id, nullable=True),
+    Column("email", String(320), nullable=True),
+    Column("client_ip", String(64), nullable=True),
+    Column("user_agent", String(512), nullable=True),
+    Column("request_id", String(64), nullable=True),
+    Column("detail", Text, nullable=True),
+    Index("ix_moko_audit_at", "at"),
+    Index("ix_moko_audit_user_at", "user_id", "at"),
+)
+
+# Each migration is the list of tables it creates; later versions add entries
+# here and never edit an applied one.
+MIGRATIONS: dict[int, list[Table]] = {
+    1: [users, identities, sessions, audit_log],
+}
+LATEST_VERSION = max(MIGRATIONS)
