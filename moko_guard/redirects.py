@@ -4,7 +4,7 @@ A target is accepted only when it is one of:
 
 * a local path: one leading ``/``, not followed by ``/`` or ``\\``, with no
   backslash, control character, whitespace or dot segment, checked on the raw
-  value and again after percent-decoding (up to three rounds, so a double
+  value and again after percent-decoding (where only a plain space may appear) (up to three rounds, so a double
   encoding cannot hide a forbidden character);
 * an absolute URL with scheme ``https`` (``http`` too when HTTPS is not
   enforced), no user info, an ASCII host that is the public host or matches
@@ -60,12 +60,16 @@ def _decodings(value: str) -> list[str]:
 
 
 def _has_forbidden_characters(forms: Sequence[str]) -> bool:
-    return any(_FORBIDDEN_CHAR_RE.search(form) for form in forms)
+    if _FORBIDDEN_CHAR_RE.search(forms[0]):
+        return True
+    # A decoded plain space (from "%20") cannot change where a target leads, so
+    # "/deals?q=a%20b" stays valid; every other whitespace stays forbidden.
+    return any(_FORBIDDEN_CHAR_RE.search(form.replace(" ", "")) for form in forms[1:])
 
 
 def _is_local_path(forms: Sequence[str]) -> bool:
     for form in forms:
-        if not form.startswith("/") or form.startswith("//"):
+        if not form.startswith("/") or form.startswith(("//", "/ ")):
             return False
         path = form.split("?", 1)[0].split("#", 1)[0]
         if _DOT_SEGMENT_RE.search(path):
