@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from conftest import GuardHarness, page_reason
@@ -240,3 +241,40 @@ async def test_userinfo_requires_session(harness: GuardHarness) -> None:
     info = (await harness.client.get("/oauth2/userinfo")).json()
 
     assert info["email"] == "alice@example.com"
+
+
+async def test_provider_discovery_outage_gives_503(
+    make_harness, idp_router  # type: ignore[no-untyped-def]
+) -> None:
+    idp_router.routes.clear()
+    idp_router.get("https://idp.test/.well-known/openid-configuration").respond(502)
+    harness = await make_harness()
+
+    response = await harness.client.get("/oauth2/start", params={"provider": "idp"})
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "30"
+    assert page_reason(response) == "provider_unavailable"
+    assert await harness.audit_reasons() == ["provider_unavailable"]
+
+
+async def test_token_endpoint_timeout_gives_plain_page(
+    harness: GuardHarness, idp_router  # type: ignore[no-untyped-def]
+) -> None:
+    _, params = await harness.start_login()
+    idp_router.post("https://idp.test/token").mock(side_effect=httpx.ConnectTimeout("slow"))
+
+    response = await harness.client.get(
+        "/oauth2/callback", params={"code": "c", "state": params["state"]})
+
+    assert response.status_code == 504
+    assert page_reason(response) == "provider_timeout"
+    assert await harness.audit_reasons() == ["provider_timeout"]
+
+
+async def test_unknown_provider_is_audited(harness: GuardHarness) -> None:
+    response = await harness.client.get("/oauth2/start", params={"provider": "nope"})
+
+    assert response.status_code == 400
+    assert page_reason(response) == "unknown_provider"
+    assert await harness.audit_reasons() == ["unknown_provider"]

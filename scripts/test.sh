@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install what the test suite needs on a fresh Debian machine, then run it.
+#
+# Installs only what is missing: Debian's nginx and chromium (for the
+# end-to-end and browser tests), the npm package oidc-provider (the real
+# OpenID Connect provider the end-to-end tests sign in against), and this
+# package with its test extras. Extra arguments go to pytest.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then
+  SUDO="sudo"
+fi
+
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  # RUNLEVEL=1 keeps the package scripts from starting a system nginx on port 80.
+  RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -d tests/oidc/node_modules/oidc-provider ]; then
+  npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+fi
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+set +e
+python3 -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "error: pytest collected no tests; the suite must not pass empty" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,200 @@
+"""The README's first command, ``moko-guard demo``, driven in a real Chromium.
+
+The demo runs as a subprocess on two free loopback ports; Playwright drives the
+Chromium that Debian packages (``apt install chromium``). No browser is
+downloaded: the test fails, it does not skip, when that Chromium is missing,
+because CI installs it.
+
+Screenshots go to ``test-artifacts/`` at the repository root, for a person to
+look at: the sign-in page in light and dark theme and the signed-in CRM page.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # The machine has no internet: without these Chromium keeps calling home.
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+RUNNING_LINE = "moko_guard demo is running"
+STARTUP_TIMEOUT_SECONDS = 20.0
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
+PAGE_TIMEOUT_MS = 15_000
+EMAIL = "carol@example.com"
+
+
+@dataclass(frozen=True)
+class Demo:
+    base_url: str
+    provider_url: str
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free when this function ran."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def demo_command() -> list[str]:
+    """The ``moko-guard`` script of this interpreter's installation, else ``-m``."""
+    script = Path(sysconfig.get_path("scripts")) / "moko-guard"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "moko_guard.cli"]
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl+C by PID (the demo then removes its data folder), SIGKILL if that hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=SHUTDOWN_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=SHUTDOWN_TIMEOUT_SECONDS)
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    port, provider_port = free_port(), free_port()
+    while provider_port == port:
+        provider_port = free_port()
+    log_path = tmp_path / "demo.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*demo_command(), "demo", "--port", str(port), "--provider-port", str(provider_port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=REPO_ROOT,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while RUNNING_LINE not in log_path.read_text(errors="replace"):
+            if process.poll() is not None:
+                pytest.fail(f"moko-guard demo exited with {process.returncode} before it was "
+                            f"running:\n{log_path.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"moko-guard demo did not print {RUNNING_LINE!r} within "
+                            f"{STARTUP_TIMEOUT_SECONDS:.0f}s:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.1)
+        yield Demo(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{provider_port}")
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's package "
+                    "(apt-get install chromium). This test never downloads a browser.",
+                    pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def background(page: Page) -> str:
+    """The computed background colour of the page body, e.g. ``rgb(245, 246, 248)``."""
+    value: str = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    return value
+
+
+def check_theme_toggle(page: Page, scheme_background: str, flipped_background: str) -> None:
+    """Clicking "Switch theme" flips the colours in place; clicking again restores them."""
+    page.evaluate("window.__mokoNoReload = true")
+    toggle = page.get_by_text("Switch theme", exact=True)
+    toggle.click()
+    expect(page.locator("#theme-toggle")).to_be_checked()
+    assert background(page) == flipped_background
+    toggle.click()
+    expect(page.locator("#theme-toggle")).not_to_be_checked()
+    assert background(page) == scheme_background
+    assert page.evaluate("window.__mokoNoReload === true"), "the theme switch reloaded the page"
+
+
+def test_demo_sign_in_and_out_in_chromium(demo: Demo, browser: Browser) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    context = browser.new_context(viewport={"width": 1024, "height": 720})
+    context.set_default_timeout(PAGE_TIMEOUT_MS)
+    try:
+        page = context.new_page()
+
+        # A guarded page sends a browser without a session to the sign-in page.
+        page.goto(f"{demo.base_url}/deals")
+        expect(page).to_have_url(f"{demo.base_url}/oauth2/sign_in?rd=%2Fdeals")
+        expect(page).to_have_title("Sign in")
+        expect(page.get_by_role("heading", level=1)).to_have_text("Sign in")
+        button = page.get_by_role("link", name="Sign in with Demo provider", exact=True)
+        expect(button).to_be_visible()
+
+        # Light and dark theme follow the browser's preference.
+        page.emulate_media(color_scheme="light")
+        light = background(page)
+        page.screenshot(path=ARTIFACTS / "sign-in-light.png", full_page=True)
+        page.emulate_media(color_scheme="dark")
+        dark = background(page)
+        page.screenshot(path=ARTIFACTS / "sign-in-dark.png", full_page=True)
+        assert light != dark, f"light and dark theme share the background {light}"
+
+        # "Switch theme" flips either theme to the other one, without a reload.
+        check_theme_toggle(page, scheme_background=dark, flipped_background=light)
+        page.emulate_media(color_scheme="light")
+        check_theme_toggle(page, scheme_background=light, flipped_background=dark)
+
+        # Sign in on the demo provider.
+        button.click()
+        expect(page).to_have_url(re.compile(re.escape(f"{demo.provider_url}/authorize?")))
+        page.get_by_label("Email at example.com").fill(EMAIL)
+        page.get_by_role("button", name="Sign in to the demo").click()
+
+        # Back on the page first asked for, in the sample CRM, signed in.
+        expect(page).to_have_url(f"{demo.base_url}/deals")
+        expect(page).to_have_title("Sample CRM")
+        expect(page.locator("#signed-in-user")).to_contain_text(f"Signed in as {EMAIL}")
+        page.screenshot(path=ARTIFACTS / "crm-signed-in.png", full_page=True)
+        session_cookies = [c for c in context.cookies(demo.base_url)
+                           if c["name"] == "moko_session"]
+        assert session_cookies, "no moko_session cookie after signing in"
+
+        # Sign out: the guard says so and the CRM asks for a sign-in again.
+        page.get_by_role("link", name="Sign out").click()
+        expect(page.get_by_role("heading", level=1)).to_have_text("Signed out")
+        page.goto(f"{demo.base_url}/deals")
+        expect(page).to_have_url(f"{demo.base_url}/oauth2/sign_in?rd=%2Fdeals")
+        expect(page.get_by_text("Signed in as")).to_have_count(0)
+
+        # The old session cookie is revoked on the server, not only cleared in the browser.
+        context.add_cookies(session_cookies)
+        replay = context.request.get(f"{demo.base_url}/deals", max_redirects=0)
+        assert replay.status == 302, replay.status
+        assert replay.headers["location"].startswith("/oauth2/sign_in"), replay.headers
+    finally:
+        context.close()
