@@ -365,6 +365,26 @@ class ProviderSettings(_Section):
     connect_timeout: float = 5.0
     timeout: float = 10.0
     insecure_allow_http_issuer: bool = False
+    # Endpoint overrides (sovereign clouds, GitHub Enterprise Server, plain OAuth 2.0).
+    authorize_url: str | None = None
+    token_url: str | None = None
+    userinfo_url: str | None = None
+    api_base_url: str | None = None
+    # google: the Workspace domain the ID token's "hd" claim must equal.
+    hosted_domain: str | None = None
+    # microsoft: "common", "organizations", "consumers" or a tenant id.
+    tenant: str = "common"
+    allowed_tenants: list[str] = Field(default_factory=list)
+    insecure_email_from_username: bool = False
+    # microsoft: group ids or app roles from the token mapped to moko_guard roles.
+    role_mapping: dict[str, list[str]] = Field(default_factory=dict)
+    # facebook: Graph API version used in every endpoint.
+    graph_version: str = "v21.0"
+    # github: membership checks through the API (need the read:org scope).
+    allowed_organizations: list[str] = Field(default_factory=list)
+    allowed_teams: list[str] = Field(default_factory=list)
+    # oauth2: dotted paths into the userinfo JSON for each identity field.
+    claims: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
@@ -396,6 +416,16 @@ class ProviderSettings(_Section):
                     f"\"{alg}\" is not allowed: only asymmetric algorithms "
                     f"({', '.join(sorted(allowed))}) are accepted"
                 )
+        return value
+
+    @field_validator("authorize_url", "token_url", "userinfo_url", "api_base_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an absolute https URL")
         return value
 
     @model_validator(mode="after")
