@@ -16,6 +16,10 @@ class Identity:
     name: str | None = None
     username: str | None = None
     groups: tuple[str, ...] = ()
+    # Roles the provider's role mapping grants (see ProviderSettings.role_mapping).
+    roles: tuple[str, ...] = ()
+    # Every role the mapping can grant, so roles it no longer grants can be removed.
+    managed_roles: tuple[str, ...] = ()
 
     @property
     def email_domain(self) -> str | None:
