@@ -73,6 +73,7 @@ class SignInPolicy:
 
         user = await self.store.user_for_identity(identity.provider, identity.subject)
         if user is not None:
+            user = await self._sync_mapped_roles(user, identity)
             _check_user(user, self.access)
             return Resolution(user)
 
@@ -92,7 +93,20 @@ class SignInPolicy:
             raise LoginError("provisioning_disabled", "no account for this identity")
         return await self._provision(identity, email)
 
+    async def _sync_mapped_roles(self, user: UserRecord, identity: Identity) -> UserRecord:
+        """Apply the provider's role mapping: roles it manages follow the token each sign-in."""
+        if not identity.managed_roles:
+            return user
+        kept = set(user.roles) - set(identity.managed_roles)
+        wanted = sorted(kept | set(identity.roles))
+        if wanted == sorted(user.roles):
+            return user
+        await self.store.set_roles(user.id, wanted)
+        refreshed = await self.store.user_by_id(user.id)
+        return refreshed or user
+
     async def _link(self, owner: UserRecord, identity: Identity) -> Resolution:
+        owner = await self._sync_mapped_roles(owner, identity)
         _check_user(owner, self.access)
         await self.store.link_identity(owner.id, identity.provider, identity.subject, identity.email)
         return Resolution(owner, linked=True)
@@ -101,7 +115,7 @@ class SignInPolicy:
         try:
             user, created = await self.store.create_user_with_identity(
                 username=email, email=email, display_name=identity.name,
-                roles=self.access.default_roles, provider=identity.provider,
+                roles=[*self.access.default_roles, *identity.roles], provider=identity.provider,
                 subject=identity.subject, identity_email=identity.email,
             )
         except EmailTaken as exc:
