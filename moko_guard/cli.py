@@ -127,7 +127,7 @@ def cmd_keys_generate(_args: argparse.Namespace) -> int:
 
 
 async def _with_store(settings: Settings) -> Store:
-    store = Store(settings.store.url, busy_timeout=settings.store.busy_timeout)
+    store = Store.from_settings(settings.store)
     await store.open()
     return store
 

@@ -114,7 +114,9 @@ def _environ(info: ValidationInfo) -> Mapping[str, str]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, populate_by_name=True
+    )
 
 
 class ServerSettings(_Section):
@@ -244,6 +246,15 @@ class SessionSettings(_Section):
 class StoreSettings(_Section):
     url: str = "sqlite:///moko-guard.db"
     busy_timeout: float = 5.0
+    # PostgreSQL only: the schema holding moko_guard's tables (default: the search path).
+    schema_name: str | None = Field(default=None, alias="schema")
+
+    @field_validator("schema_name")
+    @classmethod
+    def _check_schema(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+            raise ValueError("must be a lower-case SQL identifier like \"moko_guard\"")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -500,20 +511,40 @@ def _env_value(key: str, raw: str) -> object:
     return raw
 
 
+def _apply_provider_variable(providers: list[Any], name: str, raw: str) -> None:
+    """Set ``<key>`` on the provider whose id is the longest prefix of ``name`` (``<id>_<key>``).
+
+    The longest id wins, so ``..._PROVIDER_CORP_EU_CLIENT_SECRET`` sets provider
+    "corp-eu" and not an unknown key "eu_client_secret" on provider "corp".
+    """
+    target: dict[str, Any] | None = None
+    target_prefix = ""
+    for provider in providers:
+        if not isinstance(provider, dict):
+            continue
+        prefix = str(provider.get("id", "")).lower().replace("-", "_") + "_"
+        if name.startswith(prefix) and len(prefix) > len(target_prefix):
+            target, target_prefix = provider, prefix
+    if target is not None:
+        key = name[len(target_prefix):]
+        target[key] = _env_value(key, raw)
+
+
 def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``MOKO_GUARD_<SECTION>_<KEY>`` and ``MOKO_GUARD_PROVIDER_<ID>_<KEY>`` values."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    providers = [dict(p) for p in merged.get("providers", []) if isinstance(p, dict)]
+    # Entries that are not tables stay in place, so validation still reports them.
+    raw_providers = merged.get("providers")
+    providers = (
+        [dict(p) if isinstance(p, dict) else p for p in raw_providers]
+        if isinstance(raw_providers, list) else []
+    )
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         rest = name[len(ENV_PREFIX):].lower()
         if rest.startswith("provider_"):
-            for provider in providers:
-                provider_key = str(provider.get("id", "")).lower().replace("-", "_") + "_"
-                if rest[len("provider_"):].startswith(provider_key):
-                    key = rest[len("provider_") + len(provider_key):]
-                    provider[key] = _env_value(key, raw)
+            _apply_provider_variable(providers, rest[len("provider_"):], raw)
             continue
         for section in _SECTIONS:
             if rest.startswith(section + "_"):

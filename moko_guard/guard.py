@@ -74,7 +74,7 @@ class Guard:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.store = Store(settings.store.url, busy_timeout=settings.store.busy_timeout)
+        self.store = Store.from_settings(settings.store)
         self.auditor = Auditor(self.store)
         secret_values = [secret.get() for secret in settings.session.secrets]
         self.sessions = SessionManager(

@@ -24,6 +24,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The store tests also run against PostgreSQL on 127.0.0.1:5432 (trust auth,
+# database "test"); start the local cluster when it is installed but down.
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  if command -v pg_ctlcluster >/dev/null 2>&1; then
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+  fi
+fi
+
 if [ ! -d tests/oidc/node_modules/oidc-provider ]; then
   npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 fi

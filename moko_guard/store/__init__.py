@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ..config import StoreSettings
 from ..errors import StoreError
 from . import schema
 
@@ -148,12 +150,19 @@ def engine_url(url: str) -> str:
 class Store:
     """All reads and writes of moko_guard's own data."""
 
-    def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, busy_timeout: float = 5.0, schema: str | None = None) -> None:
         self.url = url
         self.is_sqlite = url.lower().startswith("sqlite")
         self.busy_timeout = busy_timeout
+        if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+            raise ValueError(f"schema {schema!r} is not a lower-case SQL identifier")
+        self.schema = schema
         self._engine: AsyncEngine | None = None
         self._write_lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> Store:
+        return cls(settings.url, busy_timeout=settings.busy_timeout, schema=settings.schema_name)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -170,6 +179,8 @@ class Store:
             kwargs["connect_args"] = {"timeout": self.busy_timeout}
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            if self.schema:
+                kwargs["connect_args"] = {"server_settings": {"search_path": self.schema}}
         engine = create_async_engine(engine_url(self.url), **kwargs)
         if self.is_sqlite:
             busy_ms = int(self.busy_timeout * 1000)
@@ -193,7 +204,13 @@ class Store:
 
     async def upgrade(self) -> int:
         """Apply pending migrations; return the schema version now in force."""
+        if self.schema and not self.is_sqlite:
+            async with self._write() as conn:
+                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
         async with self._write() as conn:
+            if not self.is_sqlite:
+                # One migrator at a time when several replicas start together.
+                await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7201350412)")
             await conn.run_sync(
                 lambda sync: schema.schema_version.create(sync, checkfirst=True)
             )
