@@ -180,6 +180,9 @@ class Guard:
             return AccessResult("bad_request", reason="ambiguous_path")
 
         access = self.settings.access
+        method = str(scope.get("method", "GET")).upper()
+        if self._is_native_login(path, method):
+            return AccessResult("forbidden", reason="sso_only", path=path)
         if is_public(path, access.public_paths):
             return AccessResult("anonymous", path=path)
 
@@ -194,6 +197,18 @@ class Guard:
         if denial is not None:
             return AccessResult("forbidden", principal, denial, path)
         return AccessResult("allow", principal, path=path)
+
+    def _is_native_login(self, path: str, method: str) -> bool:
+        """True for the CRM's own password login, which ``sso_only`` mode shuts."""
+        if self.settings.server.mode != "sso_only":
+            return False
+        for entry in self.settings.access.native_login_paths:
+            entry_method, _, entry_path = entry.partition(" ") if " " in entry else ("", "", entry)
+            if entry_method and entry_method.upper() != method:
+                continue
+            if matches_prefix(path, entry_path.strip(), ignore_case=True):
+                return True
+        return False
 
     def _role_denial(self, principal: Principal, path: str, method: str) -> str | None:
         access = self.settings.access
@@ -239,13 +254,16 @@ class Guard:
     # --- audit -----------------------------------------------------------------
 
     async def audit(self, request: Request, event: AuditEvent) -> None:
-        info = self.info(request.scope)
-        ua = request.headers.get("user-agent")
+        await self.audit_scope(request.scope, event)
+
+    async def audit_scope(self, scope: Scope, event: AuditEvent) -> None:
+        """Record an event, filling in the client address, user agent and request id."""
+        info = self.info(scope)
         filled = AuditEvent(**{
             **event.__dict__,
             "client_ip": event.client_ip or info.client_ip,
-            "user_agent": event.user_agent or ua,
-            "request_id": event.request_id or self.request_id(request.scope, info),
+            "user_agent": event.user_agent or header_value(scope.get("headers", []), b"user-agent"),
+            "request_id": event.request_id or self.request_id(scope, info),
         })
         await self.auditor.record(filled)
 
@@ -433,12 +451,12 @@ class Guard:
     async def auth(self, request: Request) -> Response:
         """nginx ``auth_request``: 202 with identity headers, 401 or 403; never 2xx on error."""
         try:
-            return self._auth_decision(request)
+            return await self._auth_decision(request)
         except Exception:  # noqa: BLE001 - an auth answer must never be an accidental 2xx
             logger.exception("auth_check_failed request_id=%s", self.request_id(request.scope))
             return Response(status_code=401, headers={"Cache-Control": "no-store"})
 
-    def _auth_decision(self, request: Request) -> Response:
+    async def _auth_decision(self, request: Request) -> Response:
         info = self.info(request.scope)
         target: str | None = None
         if info.trusted_peer:
@@ -454,6 +472,14 @@ class Guard:
         if result.decision == "anonymous":
             return Response(status_code=202, headers=headers)
         if result.decision == "forbidden":
+            principal = result.principal
+            reason = result.reason or "forbidden"
+            await self.audit(request, AuditEvent(
+                "access.denied", "failure", reason=reason.split(":", 1)[0],
+                provider=principal.provider if principal else None,
+                user_id=principal.user_id if principal else None,
+                detail=f"path={result.path} {reason}",
+            ))
             return Response(status_code=403, headers=headers)
         return Response(status_code=401, headers=headers)
 

@@ -17,7 +17,9 @@ from urllib.parse import quote
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
+from .audit import AuditEvent
 from .guard import AccessResult, Guard, _is_api_client
+from .web import message_page
 from .headers import header_value
 
 logger = logging.getLogger(__name__)
@@ -77,19 +79,40 @@ class GuardMiddleware:
             scope[PRINCIPAL_SCOPE_KEY] = None
             await self.app(scope, receive, send)
         elif result.decision == "bad_request":
-            await self._respond(scope, send, 400, "bad_request", "The request path is not valid.")
+            await self._respond(scope, receive, send, 400, "bad_request",
+                                "The request path is not valid.")
         elif result.decision == "forbidden":
-            await self._respond(scope, send, 403, "forbidden",
-                                "You are signed in but may not open this page.")
+            await self._forbidden(result, scope, receive, send)
         else:
             await self._unauthenticated(scope, send)
+
+    async def _forbidden(self, result: AccessResult, scope: Scope, receive: Receive,
+                         send: Send) -> None:
+        reason = result.reason or "forbidden"
+        await self.guard.audit_scope(scope, AuditEvent(
+            "access.denied", "failure", reason=reason.split(":", 1)[0],
+            provider=result.principal.provider if result.principal else None,
+            user_id=result.principal.user_id if result.principal else None,
+            detail=f"path={result.path} {reason}",
+        ))
+        if reason == "sso_only":
+            message = ("This sign-in form is turned off. Use single sign-on: "
+                       "the providers are listed on the sign-in page.")
+            link: str | None = self.guard.sign_in_url(None)
+        elif reason.startswith("missing_role:"):
+            message = f"This page needs the role {reason.split(':', 1)[1]}, which your account lacks."
+            link = None
+        else:
+            message = "You are signed in but may not open this page."
+            link = None
+        await self._respond(scope, receive, send, 403, reason, message, link=link)
 
     async def _unauthenticated(self, scope: Scope, send: Send) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 4401, "reason": "unauthenticated"})
             return
         if _is_api_client(scope):
-            await self._respond(scope, send, 401, "unauthenticated", "Sign-in required.")
+            await self._respond_json(send, 401, "unauthenticated", "Sign-in required.")
             return
         path = scope.get("raw_path", b"").decode("latin-1") or quote(scope.get("path", "/"))
         query = scope.get("query_string", b"").decode("latin-1")
@@ -97,11 +120,22 @@ class GuardMiddleware:
         await self._send_simple(send, 302, b"", [(b"location",
                                                   self.guard.sign_in_url(rd).encode("latin-1"))])
 
-    async def _respond(self, scope: Scope, send: Send, status: int, error: str,
-                       message: str) -> None:
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, status: int, error: str,
+                       message: str, *, link: str | None = None) -> None:
+        """Refuse a request: a closed handshake, a JSON body for API clients, else a page."""
         if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 4000 + status, "reason": error})
+            await send({"type": "websocket.close", "code": 4000 + status, "reason": error[:100]})
             return
+        if _is_api_client(scope):
+            await self._respond_json(send, status, error, message)
+            return
+        title = "Access denied" if status == 403 else "Bad request"
+        page = message_page(title, message, status=status, link=link,
+                            link_text="Go to the sign-in page" if link else None,
+                            request_id=self.guard.request_id(scope))
+        await page(scope, receive, send)
+
+    async def _respond_json(self, send: Send, status: int, error: str, message: str) -> None:
         body = json.dumps({"error": error, "message": message}).encode()
         headers = [(b"content-type", b"application/json")]
         if status == 401:
@@ -135,7 +169,7 @@ class GuardMiddleware:
             if method in ("GET", "HEAD"):
                 await self._send_simple(send, 308, b"", [(b"location", location.encode("latin-1"))])
             else:
-                await self._respond(scope, send, 403, "https_required", "Use https.")
+                await self._respond_json(send, 403, "https_required", "Use https.")
 
         return respond
 

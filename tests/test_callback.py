@@ -278,3 +278,34 @@ async def test_unknown_provider_is_audited(harness: GuardHarness) -> None:
     assert response.status_code == 400
     assert page_reason(response) == "unknown_provider"
     assert await harness.audit_reasons() == ["unknown_provider"]
+
+
+async def test_sso_only_blocks_native_login(make_harness) -> None:  # type: ignore[no-untyped-def]
+    """Dolibarr issue #29356: the password form must stay shut in SSO-only mode."""
+    harness = await make_harness(access={"native_login_paths": ["/login", "POST /index.php"]})
+    await harness.sign_in()
+
+    form = await harness.client.get("/login", headers={"Accept": "text/html"})
+    post = await harness.client.post("/index.php", data={"username": "alice", "password": "x"})
+    get_index = await harness.client.get("/index.php")
+
+    assert form.status_code == 403
+    assert "single sign-on" in form.text
+    assert post.status_code == 403
+    assert get_index.status_code == 200
+    from moko_guard.store import AuditFilter
+
+    denied = await harness.guard.store.list_audit(AuditFilter(event="access.denied"))
+    assert [r.reason for r in denied] == ["sso_only", "sso_only"]
+
+
+async def test_role_rule_names_missing_role(make_harness) -> None:  # type: ignore[no-untyped-def]
+    harness = await make_harness(access={"rules": [{"path": "/admin", "roles": ["admin"]}]})
+    await harness.sign_in()
+
+    for path in ("/admin/users", "/ADMIN/users", "/public/..%2fadmin/users", "//admin"):
+        url = "https://crm.example.com" + path
+        response = await harness.client.get(url, headers={"Accept": "text/html"})
+
+        assert response.status_code == 403, path
+        assert "admin" in response.text
