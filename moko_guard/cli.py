@@ -19,7 +19,8 @@ from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, Settings, load_settings
 from .errors import ConfigError, GuardError
-from .store import AuditFilter, Store
+from .audit import AuditEvent, Auditor
+from .store import AuditFilter, IdentityTaken, Store, UserRecord
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub = user_commands.add_parser(action, help=f"{action} a user (disabling ends its sessions)")
         _config_option(sub)
         sub.add_argument("user", help="user id or username")
+    show = user_commands.add_parser("show", help="show a user with its linked identities")
+    _config_option(show)
+    show.add_argument("user", help="user id or username")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    link = user_commands.add_parser("link", help="link a provider identity to a user")
+    _config_option(link)
+    link.add_argument("user", help="user id or username")
+    link.add_argument("--provider", required=True, help="provider id")
+    link.add_argument("--subject", required=True, help="the provider's subject (sub) for the person")
+    unlink = user_commands.add_parser("unlink", help="unlink identities (ends the user's sessions)")
+    _config_option(unlink)
+    unlink.add_argument("user", help="user id or username")
+    unlink.add_argument("--provider", required=True, help="provider id")
+    unlink.add_argument("--subject", help="only this subject (default: every one at the provider)")
+    roles = user_commands.add_parser("roles", help="show or change a user's roles")
+    _config_option(roles)
+    roles.add_argument("user", help="user id or username")
+    change = roles.add_mutually_exclusive_group()
+    change.add_argument("--set", metavar="ROLES", help="replace the roles (comma-separated)")
+    change.add_argument("--add", metavar="ROLE", help="add one role")
+    change.add_argument("--remove", metavar="ROLE", help="remove one role")
+
+    sessions = commands.add_parser("sessions", help="session administration")
+    session_commands = sessions.add_subparsers(dest="sessions_command", required=True,
+                                               metavar="ACTION")
+    revoke = session_commands.add_parser("revoke", help="end every live session of a user")
+    _config_option(revoke)
+    revoke.add_argument("--user", required=True, help="user id or username")
 
     audit = commands.add_parser("audit", help="audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -99,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print JSON")
         else:
             sub.add_argument("--format", choices=["csv", "json"], default="csv")
+    prune = audit_commands.add_parser("prune", help="delete audit events older than a date")
+    _config_option(prune)
+    prune.add_argument("--before", type=_parse_time, required=True,
+                       help="delete events before this UTC time (ISO 8601)")
     return parser
 
 
@@ -163,10 +196,7 @@ async def _users_list(settings: Settings, as_json: bool) -> int:
         users = await store.list_users()
     finally:
         await store.close()
-    rows = [{"id": u.id, "username": u.username, "email": u.email, "roles": ",".join(u.roles),
-             "disabled": "yes" if u.disabled else "no",
-             "last_login": u.last_login_at.isoformat(timespec="seconds") if u.last_login_at else ""}
-            for u in users]
+    rows = [_user_row(u) for u in users]
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -187,6 +217,102 @@ async def _users_set_disabled(settings: Settings, value: str, disabled: bool) ->
         await store.close()
     state = "disabled" if disabled else "enabled"
     print(f"user {user_id} {state}" + (f", {len(ended)} sessions ended" if disabled else ""))
+    return 0
+
+
+def _user_row(user: UserRecord) -> dict[str, Any]:
+    return {"id": user.id, "username": user.username, "email": user.email,
+            "roles": ",".join(user.roles), "disabled": "yes" if user.disabled else "no",
+            "last_login": user.last_login_at.isoformat(timespec="seconds")
+            if user.last_login_at else ""}
+
+
+async def _user_admin(settings: Settings, args: argparse.Namespace) -> int:
+    """users show | link | unlink | roles, and sessions revoke."""
+    store = await _with_store(settings)
+    try:
+        value = args.user
+        user_id = await _find_user_id(store, value)
+        user = await store.user_by_id(user_id) if user_id is not None else None
+        if user is None:
+            print(f"user \"{value}\" not found", file=sys.stderr)
+            return 1
+        return await _user_action(store, user, args)
+    finally:
+        await store.close()
+
+
+async def _end_sessions(store: Store, user: UserRecord, reason: str) -> int:
+    ended = await store.revoke_user_sessions(user.id)
+    if ended:
+        await Auditor(store).record(AuditEvent("session.revoked", "info", reason=reason,
+                                               user_id=user.id, detail=f"{len(ended)} sessions"))
+    return len(ended)
+
+
+async def _user_action(store: Store, user: UserRecord, args: argparse.Namespace) -> int:
+    command = args.command if args.command == "sessions" else args.users_command
+    auditor = Auditor(store)
+    if command == "show":
+        identities = await store.identities_of(user.id)
+        row = _user_row(user)
+        row["identities"] = [{"provider": i.provider, "subject": i.subject, "email": i.email}
+                             for i in identities]
+        if args.json:
+            print(json.dumps(row, indent=2))
+        else:
+            for key in ("id", "username", "email", "roles", "disabled", "last_login"):
+                print(f"{key}: {row[key]}")
+            for identity in row["identities"]:
+                print(f"identity: {identity['provider']} {identity['subject']}")
+        return 0
+    if command == "link":
+        try:
+            await store.link_identity(user.id, args.provider, args.subject, None)
+        except IdentityTaken as exc:
+            print(f"identity {args.provider}/{args.subject} is already linked to user "
+                  f"{exc.user_id}: unlink it there first", file=sys.stderr)
+            return 1
+        await auditor.record(AuditEvent("identity.linked", "info", provider=args.provider,
+                                        subject=args.subject, user_id=user.id, detail="cli"))
+        print(f"linked {args.provider}/{args.subject} to user {user.id}")
+        return 0
+    if command == "unlink":
+        count = await store.unlink_identity(user.id, args.provider, args.subject)
+        if count == 0:
+            print(f"user {user.id} has no identity at provider \"{args.provider}\""
+                  + (f" with subject \"{args.subject}\"" if args.subject else ""), file=sys.stderr)
+            return 1
+        await auditor.record(AuditEvent("identity.unlinked", "info", provider=args.provider,
+                                        subject=args.subject, user_id=user.id, detail="cli"))
+        ended = await _end_sessions(store, user, "identity_unlinked")
+        print(f"unlinked {count} identities from user {user.id}, {ended} sessions ended")
+        return 0
+    if command == "roles":
+        roles = set(user.roles)
+        if args.set is not None:
+            roles = {r.strip() for r in args.set.split(",") if r.strip()}
+        elif args.add:
+            roles.add(args.add.strip())
+        elif args.remove:
+            roles.discard(args.remove.strip())
+        if roles != set(user.roles):
+            await store.set_roles(user.id, sorted(roles))
+            await _end_sessions(store, user, "roles_changed")
+        print(f"user {user.id} roles: {','.join(sorted(roles))}")
+        return 0
+    ended = await _end_sessions(store, user, "cli")
+    print(f"{ended} sessions of user {user.id} ended")
+    return 0
+
+
+async def _audit_prune(settings: Settings, before: datetime) -> int:
+    store = await _with_store(settings)
+    try:
+        count = await store.prune_audit(before)
+    finally:
+        await store.close()
+    print(f"deleted {count} audit events before {before.isoformat()}")
     return 0
 
 
@@ -254,12 +380,18 @@ def dispatch(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if args.command == "db":
         return asyncio.run(_db_upgrade(settings))
+    if args.command == "sessions":
+        return asyncio.run(_user_admin(settings, args))
     if args.command == "users":
+        if args.users_command in ("show", "link", "unlink", "roles"):
+            return asyncio.run(_user_admin(settings, args))
         if args.users_command == "list":
             return asyncio.run(_users_list(settings, args.json))
         return asyncio.run(_users_set_disabled(settings, args.user,
                                                args.users_command == "disable"))
     if args.command == "audit":
+        if args.audit_command == "prune":
+            return asyncio.run(_audit_prune(settings, args.before))
         return asyncio.run(_audit(settings, args))
     return 2
 

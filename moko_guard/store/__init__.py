@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import event, func, insert, select, update
+from sqlalchemy import delete, event, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -393,6 +393,32 @@ class Store:
             return _identity(row)
 
         return await self._retry("link_identity", attempt)
+
+    async def unlink_identity(self, user_id: int, provider: str, subject: str | None = None) -> int:
+        """Remove a user's identities at ``provider`` (one ``subject`` or all); return the count."""
+
+        async def attempt() -> int:
+            table = schema.identities
+            query = delete(table).where(table.c.user_id == user_id, table.c.provider == provider)
+            if subject is not None:
+                query = query.where(table.c.subject == subject)
+            async with self._write() as conn:
+                result = await conn.execute(query)
+                return int(result.rowcount or 0)
+
+        return await self._retry("unlink_identity", attempt)
+
+    async def prune_audit(self, before: datetime) -> int:
+        """Delete audit rows older than ``before``; return how many."""
+
+        async def attempt() -> int:
+            async with self._write() as conn:
+                result = await conn.execute(
+                    delete(schema.audit_log).where(schema.audit_log.c.at < to_utc(before))
+                )
+                return int(result.rowcount or 0)
+
+        return await self._retry("prune_audit", attempt)
 
     async def record_login(self, user_id: int, provider: str, subject: str) -> None:
         async def attempt() -> None:
