@@ -21,6 +21,7 @@ logger = logging.getLogger("moko_guard.audit")
 EventName = Literal[
     "login.success", "login.failure", "user.provisioned", "identity.linked",
     "identity.unlinked", "session.revoked", "sign_out", "access.denied", "secret.changed",
+    "user.disabled", "user.enabled",
 ]
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _LIMITS = {"reason": 64, "provider": 40, "subject": 255, "email": 320, "client_ip": 64,

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Scope
 
+from .admin import AdminPages
 from .audit import AuditEvent, Auditor, escape_control
 from .config import Settings
 from .errors import LoginError, StoreError
@@ -104,6 +105,7 @@ class Guard:
         )
         self._started = False
         self._start_lock = asyncio.Lock()
+        self.admin = AdminPages(self)
         self.router = Router(routes=self._routes())
 
     # --- lifecycle -----------------------------------------------------------
@@ -279,6 +281,10 @@ class Guard:
             Route(f"{p}/userinfo", self.userinfo, methods=["GET"]),
             Route(f"{p}/auth", self.auth, methods=["GET", "HEAD", "POST", "PUT", "PATCH",
                                                    "DELETE", "OPTIONS"]),
+        ]
+        routes += [
+            Route(f"{p}/admin", self.admin.page, methods=["GET"]),
+            Route(f"{p}/admin/{{action}}", self.admin.action, methods=["POST"]),
         ]
         if self.callback_path != f"{p}/callback":
             routes.append(Route(f"{p}/callback", self.callback, methods=["GET"]))

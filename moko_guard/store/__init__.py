@@ -561,6 +561,20 @@ class Store:
         async with self.engine.connect() as conn:
             return [AuditRecord(**row._asdict()) for row in await conn.execute(query)]
 
+    async def daily_sign_ins(self, since: datetime) -> list[tuple[str, str, int]]:
+        """Return ``(day, outcome, count)`` of sign-in attempts since ``since``, by UTC day."""
+        table = schema.audit_log
+        day = func.date(table.c.at)
+        query = (
+            select(day.label("day"), table.c.outcome, func.count().label("n"))
+            .where(table.c.at >= to_utc(since),
+                   table.c.event.in_(("login.success", "login.failure")))
+            .group_by(day, table.c.outcome)
+            .order_by(day)
+        )
+        async with self.engine.connect() as conn:
+            return [(str(row.day), row.outcome, int(row.n)) for row in await conn.execute(query)]
+
     async def count_audit(self, event: str | None = None) -> int:
         query = select(func.count()).select_from(schema.audit_log)
         if event is not None:
