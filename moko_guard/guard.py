@@ -32,6 +32,7 @@ from .flow import FlowManager, FlowState, cookie_name as flow_cookie_name
 from .forwarding import RequestInfo, request_info
 from .headers import IdentityHeaders, header_value
 from .identity import Principal
+from .logout import ReplayCache
 from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path
 from .policy import SignInPolicy
 from .providers import Provider, build_provider
@@ -106,6 +107,7 @@ class Guard:
         self._started = False
         self._start_lock = asyncio.Lock()
         self.admin = AdminPages(self)
+        self._logout_replays = ReplayCache()
         self.router = Router(routes=self._routes())
 
     # --- lifecycle -----------------------------------------------------------
@@ -283,6 +285,8 @@ class Guard:
                                                    "DELETE", "OPTIONS"]),
         ]
         routes += [
+            Route(f"{p}/backchannel_logout/{{provider}}", self.backchannel_logout,
+                  methods=["POST"]),
             Route(f"{p}/admin", self.admin.page, methods=["GET"]),
             Route(f"{p}/admin/{{action}}", self.admin.action, methods=["POST"]),
         ]
@@ -296,9 +300,10 @@ class Guard:
 
     def _buttons(self, rd: str) -> list[ProviderButton]:
         return [
-            ProviderButton(pid, provider.name,
-                           f"{self.prefix}/start?{urlencode({'provider': pid, 'rd': rd})}")
-            for pid, provider in self.providers.items()
+            ProviderButton(p.id, self.providers[p.id].name,
+                           f"{self.prefix}/start?{urlencode({'provider': p.id, 'rd': rd})}",
+                           kind=p.type)
+            for p in self.settings.providers
         ]
 
     def _checked_rd(self, request: Request, raw: str | None) -> str:
@@ -390,6 +395,7 @@ class Guard:
         cookie_value, principal = await self.sessions.issue(
             user, identity.provider, identity.username,
             client_ip=info.client_ip, user_agent=request.headers.get("user-agent"),
+            provider_session=identity.provider_session,
         )
         base = AuditEvent("login.success", "success", provider=identity.provider,
                           subject=identity.subject, user_id=user.id, email=identity.email)
@@ -446,6 +452,39 @@ class Guard:
             )
         self._clear_session_cookie(response)
         return response
+
+    async def backchannel_logout(self, request: Request) -> Response:
+        """OpenID Connect Back-Channel Logout 1.0: revoke the sessions a logout token names."""
+        await self.ensure_started()
+        headers = {"Cache-Control": "no-store"}
+        provider_id = request.path_params["provider"]
+        provider = self.providers.get(provider_id)
+        validate = getattr(provider, "validate_logout_token", None)
+        if provider is None or validate is None:
+            return JSONResponse({"error": "invalid_request"}, status_code=400, headers=headers)
+        form = await request.form()
+        token = form.get("logout_token")
+        try:
+            if not isinstance(token, str):
+                raise LoginError("token_invalid", "no logout_token in the form")
+            logout = await validate(token, self._logout_replays)
+        except LoginError as exc:
+            logger.warning("backchannel_logout_rejected provider=%s detail=%s", provider_id,
+                           escape_control(exc.detail))
+            return JSONResponse({"error": "invalid_request"}, status_code=400, headers=headers)
+        user_id = None
+        if logout.subject is not None:
+            user = await self.store.user_for_identity(provider_id, logout.subject)
+            user_id = user.id if user else None
+            if user is None and logout.provider_session is None:
+                return Response(status_code=200, headers=headers)
+        ended = await self.store.revoke_provider_sessions(
+            provider_id, user_id=user_id, provider_sid=logout.provider_session)
+        self.sessions.mark_revoked(ended)
+        await self.audit(request, AuditEvent(
+            "session.revoked", "info", reason="backchannel_logout", provider=provider_id,
+            subject=logout.subject, user_id=user_id, detail=f"{len(ended)} sessions"))
+        return Response(status_code=200, headers=headers)
 
     async def userinfo(self, request: Request) -> Response:
         principal = self.check_session(request.scope).principal

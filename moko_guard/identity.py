@@ -20,6 +20,8 @@ class Identity:
     roles: tuple[str, ...] = ()
     # Every role the mapping can grant, so roles it no longer grants can be removed.
     managed_roles: tuple[str, ...] = ()
+    # The provider's own session id (the ID token's "sid"), for back-channel logout.
+    provider_session: str | None = None
 
     @property
     def email_domain(self) -> str | None:

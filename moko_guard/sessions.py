@@ -91,6 +91,7 @@ class SessionManager:
         *,
         client_ip: str | None,
         user_agent: str | None,
+        provider_session: str | None = None,
     ) -> tuple[str, Principal]:
         """Create a session in the store and return its cookie value and principal."""
         now = self.clock()
@@ -109,6 +110,7 @@ class SessionManager:
             session_id=principal.session_id, user_id=user.id, provider=provider,
             created_at=_timestamp(now), expires_at=_timestamp(principal.expires_at),
             client_ip=client_ip, user_agent=(user_agent or "")[:512] or None,
+            provider_sid=provider_session,
         )
         payload = {
             "sid": principal.session_id, "uid": user.id, "usr": user.username,
@@ -149,6 +151,12 @@ class SessionManager:
         for session_id in ids:
             self.revoked.add(session_id, horizon)
         return ids
+
+    def mark_revoked(self, session_ids: list[str]) -> None:
+        """Refuse these sessions here at once (they are already revoked in the store)."""
+        horizon = self.clock() + self.lifetime
+        for session_id in session_ids:
+            self.revoked.add(session_id, horizon)
 
     async def poll_revocations(self) -> None:
         """Load revocations written since the last poll (by any process)."""

@@ -19,6 +19,7 @@ from moko_guard.config import AccessSettings
 from moko_guard.identity import Identity
 from moko_guard.policy import SignInPolicy
 from moko_guard.store import AuditFilter, IdentityTaken, Store, utcnow
+from moko_guard.store.schema import LATEST_VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +54,7 @@ async def test_migrations_are_idempotent(store: Store) -> None:
 
     second = await store.upgrade()
 
-    assert first == second == 1
+    assert first == second == LATEST_VERSION
 
 
 async def test_user_created_with_identity(store: Store) -> None:
@@ -142,3 +143,24 @@ async def test_audit_rows_filtered_and_ordered(store: Store) -> None:
     assert [r.at for r in failures] == sorted((r.at for r in failures), reverse=True)
     assert len(window) == 2
     assert [r.event for r in by_user] == ["login.success"]
+
+
+async def test_version_one_database_upgraded(store: Store) -> None:
+    """A database left at schema version 1 gains the provider session column."""
+    async with store.engine.begin() as conn:
+        await conn.exec_driver_sql("DROP INDEX IF EXISTS ix_moko_sessions_provider_sid")
+        await conn.exec_driver_sql("ALTER TABLE moko_sessions DROP COLUMN provider_sid")
+        await conn.exec_driver_sql("DELETE FROM moko_schema_version WHERE version > 1")
+
+    version = await store.upgrade()
+    user, _ = await store.create_user_with_identity(
+        username="ann@example.com", email="ann@example.com", display_name=None, roles=[],
+        provider="idp", subject="s-1", identity_email=None,
+    )
+    now = utcnow()
+    await store.create_session(session_id="x", user_id=user.id, provider="idp", created_at=now,
+                               expires_at=now + timedelta(hours=1), client_ip=None,
+                               user_agent=None, provider_sid="op-sid-1")
+
+    assert version == LATEST_VERSION
+    assert await store.revoke_provider_sessions("idp", provider_sid="op-sid-1") == ["x"]

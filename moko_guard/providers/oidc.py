@@ -14,6 +14,7 @@ import httpx
 from ..config import ProviderSettings
 from ..errors import LoginError
 from ..identity import Identity
+from ..logout import LogoutRequest, ReplayCache, validate_logout_token
 from ..tokens import JwksCache, TokenExpectations, validate_id_token
 from .base import request_json, timeouts
 
@@ -44,6 +45,7 @@ def identity_from_claims(provider_id: str, claims: dict[str, Any]) -> Identity:
         name=_claim_text(claims, "name"),
         username=_claim_text(claims, "preferred_username"),
         groups=group_list,
+        provider_session=_claim_text(claims, "sid"),
     )
 
 
@@ -202,3 +204,13 @@ class OidcProvider:
         )
         merged = {**userinfo, **{k: v for k, v in claims.items() if v is not None}}
         return identity_from_claims(self.id, merged)
+
+    async def validate_logout_token(self, token: str, replays: ReplayCache) -> LogoutRequest:
+        """Check a back-channel logout token from this provider."""
+        await self.metadata()
+        if self._jwks is None:
+            raise LoginError("provider_unavailable", f"{self.id} keys not loaded", status=503)
+        return await validate_logout_token(
+            token, issuer=self.issuer, client_id=self.settings.client_id,
+            algorithms=list(self.settings.id_token_algorithms), jwks=self._jwks, replays=replays,
+        )

@@ -217,10 +217,7 @@ class Store:
             current = (await conn.execute(select(func.max(schema.schema_version.c.version)))).scalar()
             current = current or 0
             for version in sorted(v for v in schema.MIGRATIONS if v > current):
-                tables = schema.MIGRATIONS[version]
-                await conn.run_sync(
-                    lambda sync, t=tables: schema.metadata.create_all(sync, tables=t, checkfirst=True)
-                )
+                await conn.run_sync(schema.MIGRATIONS[version])
                 await conn.execute(
                     insert(schema.schema_version).values(version=version, applied_at=utcnow())
                 )
@@ -463,6 +460,7 @@ class Store:
     async def create_session(
         self, *, session_id: str, user_id: int, provider: str, created_at: datetime,
         expires_at: datetime, client_ip: str | None, user_agent: str | None,
+        provider_sid: str | None = None,
     ) -> None:
         async def attempt() -> None:
             async with self._write() as conn:
@@ -470,11 +468,36 @@ class Store:
                     insert(schema.sessions).values(
                         id=session_id, user_id=user_id, provider=provider,
                         created_at=to_utc(created_at), expires_at=to_utc(expires_at),
-                        client_ip=client_ip, user_agent=user_agent,
+                        client_ip=client_ip, user_agent=user_agent, provider_sid=provider_sid,
                     )
                 )
 
         await self._retry("create_session", attempt)
+
+    async def revoke_provider_sessions(
+        self, provider: str, *, user_id: int | None = None, provider_sid: str | None = None
+    ) -> list[str]:
+        """Revoke live sessions of one provider by user, by provider session id, or both."""
+        if user_id is None and provider_sid is None:
+            return []
+
+        async def attempt() -> list[str]:
+            table = schema.sessions
+            now = utcnow()
+            query = select(table.c.id).where(
+                table.c.provider == provider, table.c.revoked_at.is_(None), table.c.expires_at > now
+            )
+            if user_id is not None:
+                query = query.where(table.c.user_id == user_id)
+            if provider_sid is not None:
+                query = query.where(table.c.provider_sid == provider_sid)
+            async with self._write() as conn:
+                ids = [row.id for row in await conn.execute(query)]
+                if ids:
+                    await conn.execute(update(table).where(table.c.id.in_(ids)).values(revoked_at=now))
+            return ids
+
+        return await self._retry("revoke_provider_sessions", attempt)
 
     async def revoke_session(self, session_id: str) -> bool:
         async def attempt() -> bool:

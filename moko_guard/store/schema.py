@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -15,7 +17,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
+    text,
 )
+from sqlalchemy.engine import Connection
 
 metadata = MetaData()
 
@@ -68,6 +73,8 @@ sessions = Table(
     Column("revoked_at", DateTime, nullable=True),
     Column("client_ip", String(64), nullable=True),
     Column("user_agent", String(512), nullable=True),
+    # The provider's session id ("sid"), matched by back-channel logout (schema version 2).
+    Column("provider_sid", String(255), nullable=True),
     Index("ix_moko_sessions_user", "user_id"),
     Index("ix_moko_sessions_revoked", "revoked_at"),
 )
@@ -92,9 +99,25 @@ audit_log = Table(
     Index("ix_moko_audit_user_at", "user_id", "at"),
 )
 
-# Each migration is the list of tables it creates; later versions add entries
-# here and never edit an applied one.
-MIGRATIONS: dict[int, list[Table]] = {
-    1: [users, identities, sessions, audit_log],
+def _create_tables(connection: Connection) -> None:
+    metadata.create_all(connection, tables=[users, identities, sessions, audit_log],
+                        checkfirst=True)
+
+
+def _add_provider_sid(connection: Connection) -> None:
+    # A database created at version 2 or later already has the column from _create_tables.
+    columns = {c["name"] for c in inspect(connection).get_columns("moko_sessions")}
+    if "provider_sid" not in columns:
+        connection.execute(text("ALTER TABLE moko_sessions ADD COLUMN provider_sid VARCHAR(255)"))
+    connection.execute(text(
+        "CREATE INDEX IF NOT EXISTS ix_moko_sessions_provider_sid ON moko_sessions (provider_sid)"
+    ))
+
+
+# Each migration runs once, in order, inside one transaction. Later versions add
+# entries here and never edit an applied one.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _create_tables,
+    2: _add_provider_sid,
 }
 LATEST_VERSION = max(MIGRATIONS)
