@@ -9,6 +9,7 @@ raises one :class:`ConfigError`, so an operator fixes the file in one pass.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -69,12 +70,18 @@ def parse_duration(value: object) -> float:
     """Parse ``"8h"``, ``"30m"``, ``"90s"``, ``"500ms"``, ``"7d"`` or a number of seconds."""
     if isinstance(value, bool):
         raise ValueError("must be a duration like \"8h\" or \"30m\"")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
-        seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
-        raise ValueError("must be a duration like \"8h\" or \"30m\"")
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+            seconds = float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+        else:
+            raise ValueError("must be a duration like \"8h\" or \"30m\"")
+    except OverflowError:
+        seconds = math.inf
+    # inf and nan would fail later, when a cookie max-age or an expiry time is computed.
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration like \"8h\" or \"30m\"")
     if seconds <= 0:
         raise ValueError("must be a duration greater than zero")
     return seconds
@@ -340,6 +347,17 @@ class AccessSettings(_Section):
         return self
 
 
+class RateLimitSettings(_Section):
+    # Sign-in starts and callbacks per client IP; 0 turns the limit off.
+    sign_in_per_minute: int = Field(default=30, ge=0)
+    burst: int = Field(default=20, ge=1)
+
+
+class LoggingSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 class HeaderSettings(_Section):
     user: str = "X-Auth-Request-User"
     email: str = "X-Auth-Request-Email"
@@ -474,6 +492,8 @@ class Settings(_Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     headers: HeaderSettings = Field(default_factory=HeaderSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -496,7 +516,7 @@ class Settings(_Section):
 
 # --- loading ---------------------------------------------------------------
 
-_SECTIONS = ("server", "session", "store", "access", "headers")
+_SECTIONS = ("server", "session", "store", "access", "headers", "rate_limit", "logging")
 _LIST_KEYS = {
     "trusted_proxies", "secrets", "allowed_email_domains", "allowed_roles",
     "provision_email_domains", "default_roles", "allowed_redirect_hosts", "public_paths",

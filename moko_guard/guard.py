@@ -33,6 +33,8 @@ from .forwarding import RequestInfo, request_info
 from .headers import IdentityHeaders, header_value
 from .identity import Principal
 from .logout import ReplayCache
+from .metrics import GuardMetrics
+from .ratelimit import RateLimiter
 from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path
 from .policy import SignInPolicy
 from .providers import Provider, build_provider
@@ -106,8 +108,12 @@ class Guard:
         )
         self._started = False
         self._start_lock = asyncio.Lock()
+        self.metrics = GuardMetrics()
+        self.sign_in_limit = RateLimiter(settings.rate_limit.sign_in_per_minute,
+                                         settings.rate_limit.burst)
         self.admin = AdminPages(self)
         self._logout_replays = ReplayCache()
+        self.sessions.on_poll.append(self._update_session_gauge)
         self.router = Router(routes=self._routes())
 
     # --- lifecycle -----------------------------------------------------------
@@ -136,6 +142,9 @@ class Guard:
     async def ensure_started(self) -> None:
         if not self._started:
             await self.startup()
+
+    async def _update_session_gauge(self) -> None:
+        self.metrics.active_sessions.set(await self.store.count_active_sessions())
 
     async def readiness(self) -> dict[str, bool]:
         checks = {"store": await self.store.ping()}
@@ -173,6 +182,12 @@ class Guard:
 
     def access(self, scope: Scope, target: str | None = None) -> AccessResult:
         """Decide a request from its path (``target`` overrides it, for forward-auth)."""
+        started = time.perf_counter()
+        result = self._access(scope, target)
+        self.metrics.auth_checks.labels(result.decision).observe(time.perf_counter() - started)
+        return result
+
+    def _access(self, scope: Scope, target: str | None) -> AccessResult:
         raw_target = target
         if raw_target is None:
             raw_path = scope.get("raw_path")
@@ -317,8 +332,23 @@ class Guard:
         rd = self._checked_rd(request, request.query_params.get("rd"))
         return sign_in_page(self._buttons(rd))
 
+    async def _rate_limited(self, request: Request, endpoint: str) -> Response | None:
+        """A 429 page when this client started too many sign-ins, else None."""
+        client = self.info(request.scope).client_ip or "unknown"
+        allowed, wait = self.sign_in_limit.allow(client)
+        if allowed:
+            return None
+        self.metrics.rate_limited.labels(endpoint).inc()
+        error = LoginError("rate_limited", f"{endpoint} from {client}", status=429)
+        response = await self._login_failed(request, error, provider=None)
+        response.headers["Retry-After"] = str(wait)
+        return response
+
     async def start(self, request: Request) -> Response:
         await self.ensure_started()
+        limited = await self._rate_limited(request, "start")
+        if limited is not None:
+            return limited
         provider_id = request.query_params.get("provider", "")
         rd = self._checked_rd(request, request.query_params.get("rd"))
         provider = self.providers.get(provider_id)
@@ -346,6 +376,9 @@ class Guard:
 
     async def callback(self, request: Request) -> Response:
         await self.ensure_started()
+        limited = await self._rate_limited(request, "callback")
+        if limited is not None:
+            return limited
         params = request.query_params
         state = params.get("state")
         attempt_id = self.flows.attempt_id_of(state)
@@ -406,6 +439,7 @@ class Guard:
             await self.audit(request, AuditEvent(**{**base.__dict__, "event": "identity.linked",
                                                     "outcome": "info"}))
         await self.audit(request, base)
+        self.metrics.sign_ins.labels(identity.provider, "success", "").inc()
         logger.info("login_success provider=%s user_id=%d session=%s", identity.provider,
                     user.id, principal.session_id[:8])
 
@@ -423,6 +457,11 @@ class Guard:
         ))
         logger.warning("login_failed reason=%s provider=%s detail=%s", error.reason, provider,
                        escape_control(error.detail))
+        self.metrics.sign_ins.labels(provider or "", "failure", error.reason).inc()
+        if error.reason.startswith("provider_"):
+            self.metrics.provider_errors.labels(provider or "", error.reason).inc()
+        if error.reason == "store_unavailable":
+            self.metrics.store_errors.labels("sign_in").inc()
         headers = {"Retry-After": "30"} if error.status == 503 else None
         return sign_in_page(self._buttons(rd), reason=error.reason,
                             request_id=self.request_id(request.scope), status=error.status,

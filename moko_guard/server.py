@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .guard import Guard
+from .metrics import CONTENT_TYPE_LATEST
 from .middleware import GuardMiddleware
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,18 @@ class GuardServer:
         if scope["type"] == "http" and scope.get("path") in ("/healthz", "/readyz"):
             await self._health(scope, send)
             return
+        if scope["type"] == "http" and scope.get("path") == "/metrics":
+            await self._metrics(send)
+            return
         await self.app(scope, receive, send)
+
+    async def _metrics(self, send: Send) -> None:
+        body = self.guard.metrics.render()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                (b"cache-control", b"no-store"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _health(self, scope: Scope, send: Send) -> None:
         if scope["path"] == "/healthz":

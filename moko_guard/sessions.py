@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -78,6 +78,7 @@ class SessionManager:
         self.revoked = RevocationList(clock)
         self._last_poll: datetime | None = None
         self._poller: asyncio.Task[None] | None = None
+        self.on_poll: list[Callable[[], Awaitable[None]]] = []
 
     def rotate(self, secrets_: Sequence[str]) -> None:
         """Replace the keys; cookies sealed with any of the new secrets still open."""
@@ -166,6 +167,8 @@ class SessionManager:
             self.revoked.add(session_id, expires_at.replace(tzinfo=UTC).timestamp())
         self._last_poll = started
         self.revoked.prune()
+        for hook in self.on_poll:
+            await hook()
 
     async def _poll_forever(self) -> None:
         while True:

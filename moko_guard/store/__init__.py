@@ -547,6 +547,13 @@ class Store:
         async with self.engine.connect() as conn:
             return [(row.id, row.expires_at, row.revoked_at) for row in await conn.execute(query)]
 
+    async def count_active_sessions(self) -> int:
+        table = schema.sessions
+        query = select(func.count()).select_from(table).where(
+            table.c.revoked_at.is_(None), table.c.expires_at > utcnow())
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar() or 0)
+
     async def is_session_active(self, session_id: str) -> bool:
         query = select(schema.sessions.c.revoked_at, schema.sessions.c.expires_at).where(
             schema.sessions.c.id == session_id

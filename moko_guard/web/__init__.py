@@ -38,6 +38,18 @@ REASON_MESSAGES = {
     "invalid_request": "The sign-in request was incomplete or malformed. Please start again.",
     "store_unavailable": "The service is busy. Please try again in a moment.",
     "session_expired": "Your session has ended. Please sign in again.",
+    "rate_limited": "Too many sign-in attempts from your network. Please wait a minute and try again.",
+    "hosted_domain_mismatch": "Only accounts of this organization's Google Workspace domain may "
+    "sign in here.",
+    "tenant_not_allowed": "Accounts of this Microsoft organization may not sign in here.",
+    "groups_overage_unresolved": "Your group memberships could not be read from Microsoft. "
+    "Please try again later or contact your administrator.",
+    "malformed_email": "The email address from the sign-in provider is not a valid address.",
+    "subject_invalid": "The sign-in provider did not return a usable account ID.",
+    "email_declined": "Facebook did not share your email address. Sign in again and allow "
+    "access to your email address.",
+    "org_not_allowed": "This GitHub account is not a member of an organization that may sign in here.",
+    "team_not_allowed": "This GitHub account is not a member of a team that may sign in here.",
 }
 
 
@@ -52,6 +64,8 @@ class ProviderButton:
     id: str
     name: str
     start_url: str
+    # The provider type ("google", "github", ...), which picks the button's mark.
+    kind: str = ""
 
 
 def render(template: str, status: int = 200, headers: dict[str, str] | None = None,
