@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, Settings, load_settings
 from .errors import ConfigError, GuardError
+from .logs import configure_logging
 from .audit import AuditEvent, Auditor
 from .store import AuditFilter, IdentityTaken, Store, UserRecord
 
@@ -348,6 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _load(args.config)
+    configure_logging(settings.logging.level, settings.logging.format)
     if args.upstream:
         server = settings.server.model_copy(update={"upstream": args.upstream})
         settings = settings.model_copy(update={"server": server})
@@ -398,10 +400,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every request URL at INFO; keep provider calls out of the operator log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(args.log_level, "text")
     try:
         return dispatch(args)
     except ConfigError as exc:

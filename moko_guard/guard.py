@@ -32,6 +32,7 @@ from .flow import FlowManager, FlowState, cookie_name as flow_cookie_name
 from .forwarding import RequestInfo, request_info
 from .headers import IdentityHeaders, header_value
 from .identity import Principal
+from .logs import request_id_var
 from .logout import ReplayCache
 from .metrics import GuardMetrics
 from .ratelimit import RateLimiter
@@ -168,6 +169,7 @@ class Guard:
         else:
             request_id = secrets.token_hex(8)
         scope.setdefault("state", {})["moko_request_id"] = request_id
+        request_id_var.set(request_id)
         return request_id
 
     def session_cookie(self, scope: Scope) -> str | None:
