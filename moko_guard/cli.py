@@ -11,6 +11,7 @@ import asyncio
 import csv
 import json
 import logging
+import os
 import secrets
 import sys
 from collections.abc import Sequence
@@ -358,7 +359,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     logger.info("serving on http://%s:%d", host, port)
-    uvicorn.run(create_app(settings), host=host, port=port, proxy_headers=False,
+    config_path = args.config or os.environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH
+    uvicorn.run(create_app(settings, config_path=config_path), host=host, port=port, proxy_headers=False,
                 server_header=False, access_log=False, log_config=None,
                 lifespan="on", workers=None)
     return 0

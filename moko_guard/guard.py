@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Literal
@@ -40,6 +40,7 @@ from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path
 from .policy import SignInPolicy
 from .providers import Provider, build_provider
 from .redirects import RedirectPolicy, check_redirect
+from .rotation import SecretReloader
 from .sessions import SessionCheck, SessionManager
 from .store import IdentityTaken, Store
 from .web import ProviderButton, message_page, sign_in_page
@@ -76,8 +77,10 @@ class Guard:
         *,
         http_client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
+        config_path: str | None = None,
     ) -> None:
         self.settings = settings
+        self.reloader = SecretReloader(self, config_path) if config_path else None
         self.clock = clock
         self.store = Store.from_settings(settings.store)
         self.auditor = Auditor(self.store)
@@ -131,9 +134,13 @@ class Guard:
                         self.settings.server.mode)
             await self.store.open()
             await self.sessions.start()
+            if self.reloader is not None:
+                self.reloader.start()
             self._started = True
 
     async def shutdown(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         await self.sessions.stop()
         await self.store.close()
         if self._owns_http:
@@ -143,6 +150,29 @@ class Guard:
     async def ensure_started(self) -> None:
         if not self._started:
             await self.startup()
+
+    def apply_secrets(self, fresh: Settings) -> list[str]:
+        """Use the secrets of freshly loaded settings; return the names of those that changed."""
+        changed = []
+        if fresh.session.secrets != self.settings.session.secrets:
+            self.sessions.rotate([secret.get() for secret in fresh.session.secrets])
+            self.flows.sealer = self.sessions.sealer
+            changed.append("session.secrets")
+        for provider_settings in fresh.providers:
+            current = self.settings.provider(provider_settings.id)
+            provider = self.providers.get(provider_settings.id)
+            if current is None or provider is None:
+                continue
+            if provider_settings.client_secret != current.client_secret:
+                provider.settings = provider_settings  # type: ignore[attr-defined]
+                changed.append(f"providers.{provider_settings.id}.client_secret")
+        if changed:
+            session = fresh.session
+            self.settings = self.settings.model_copy(update={
+                "session": self.settings.session.model_copy(update={"secrets": session.secrets}),
+                "providers": [fresh.provider(p.id) or p for p in self.settings.providers],
+            })
+        return changed
 
     async def _update_session_gauge(self) -> None:
         self.metrics.active_sessions.set(await self.store.count_active_sessions())

@@ -63,9 +63,10 @@ class GuardServer:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, *, guard: Guard | None = None) -> GuardServer:
+def create_app(settings: Settings, *, guard: Guard | None = None,
+               config_path: str | None = None) -> GuardServer:
     """Build the ASGI app that ``moko-guard serve`` runs."""
-    guard = guard or Guard(settings)
+    guard = guard or Guard(settings, config_path=config_path)
     inner: ASGIApp = _not_found
     if settings.server.upstream:
         from .proxy import ProxyApp
