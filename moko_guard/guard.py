@@ -129,6 +129,13 @@ class Guard:
             if self.settings.server.insecure_allow_http:
                 logger.warning("insecure_allow_http is on: cookies are sent over plain http; "
                                "use this for loopback testing only")
+            for provider in self.settings.providers:
+                if provider.insecure_allow_http_issuer:
+                    logger.warning("providers %s: insecure_allow_http_issuer is on: provider "
+                                   "answers travel over plain http", provider.id)
+                if provider.insecure_email_from_username:
+                    logger.warning("providers %s: insecure_email_from_username is on: the "
+                                   "unverified user name is trusted as an email", provider.id)
             logger.info("guard_starting providers=%s trusted_proxies=%s mode=%s",
                         ",".join(self.providers), self.settings.server.trusted_proxies,
                         self.settings.server.mode)
