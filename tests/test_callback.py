@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -309,3 +311,26 @@ async def test_role_rule_names_missing_role(make_harness) -> None:  # type: igno
 
         assert response.status_code == 403, path
         assert "admin" in response.text
+
+
+async def test_parallel_first_sign_ins_create_one_user(harness: GuardHarness) -> None:
+    """strapi/strapi issue #25113: five tabs of a new user must not create five users."""
+    states = []
+    for index in range(5):
+        _, params = await harness.start_login(f"/tab{index}")
+        harness.idp.nonces_by_code[f"code-{index}"] = params["nonce"]
+        states.append(params["state"])
+
+    responses = await asyncio.gather(*(
+        harness.client.get("/oauth2/callback", params={"code": f"code-{i}", "state": state})
+        for i, state in enumerate(states)
+    ))
+
+    assert [r.status_code for r in responses] == [302] * 5
+    assert len(await harness.guard.store.list_users()) == 1
+    from moko_guard.store import AuditFilter
+
+    provisioned = await harness.guard.store.list_audit(AuditFilter(event="user.provisioned"))
+    successes = await harness.guard.store.list_audit(AuditFilter(event="login.success"))
+    assert len(provisioned) == 1
+    assert len(successes) == 5

@@ -49,6 +49,7 @@ class FakeIdp:
     token_body: dict[str, Any] | None = None
     userinfo: dict[str, Any] | None = None
     last_nonce: str | None = None
+    nonces_by_code: dict[str, str] = field(default_factory=dict)
     token_requests: list[httpx.Request] = field(default_factory=list)
     jwks_requests: int = 0
     extra_jwks: list[dict[str, Any]] = field(default_factory=list)
@@ -92,7 +93,8 @@ class FakeIdp:
         self.token_requests.append(request)
         if self.token_body is not None or self.token_status != 200:
             return httpx.Response(self.token_status, json=self.token_body or {})
-        claims = self.claims(self.last_nonce)
+        code = parse_qs(request.content.decode()).get("code", [""])[0]
+        claims = self.claims(self.nonces_by_code.get(code, self.last_nonce))
         id_token = self.token_builder(claims) if self.token_builder else self.sign(claims)
         return httpx.Response(200, json={
             "access_token": "at-123", "token_type": "Bearer", "expires_in": 300, "id_token": id_token,
