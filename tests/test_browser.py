@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ CHROMIUM_ARGS = [
 RUNNING_LINE = "moko_guard demo is running"
 STARTUP_TIMEOUT_SECONDS = 20.0
 SHUTDOWN_TIMEOUT_SECONDS = 10.0
+START_ATTEMPTS = 3
 PAGE_TIMEOUT_MS = 15_000
 EMAIL = "carol@example.com"
 
@@ -77,12 +79,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=SHUTDOWN_TIMEOUT_SECONDS)
 
 
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[Demo]:
+def start_demo(log_path: Path) -> tuple[subprocess.Popen[bytes], Demo] | None:
+    """Start the demo on two free ports and wait for its "is running" line.
+
+    Returns None when a port was taken between ``free_port()`` and the demo's bind
+    (another process on the machine got it first), so the caller can try again.
+    """
     port, provider_port = free_port(), free_port()
     while provider_port == port:
         provider_port = free_port()
-    log_path = tmp_path / "demo.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -92,33 +97,48 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while RUNNING_LINE not in log_path.read_text(errors="replace"):
+        while RUNNING_LINE not in (output := log_path.read_text(errors="replace")):
             if process.poll() is not None:
+                if "address already in use" in output:
+                    return None
                 pytest.fail(f"moko-guard demo exited with {process.returncode} before it was "
-                            f"running:\n{log_path.read_text(errors='replace')}")
+                            f"running:\n{output}")
             if time.monotonic() > deadline:
                 pytest.fail(f"moko-guard demo did not print {RUNNING_LINE!r} within "
-                            f"{STARTUP_TIMEOUT_SECONDS:.0f}s:\n{log_path.read_text(errors='replace')}")
+                            f"{STARTUP_TIMEOUT_SECONDS:.0f}s:\n{output}")
             time.sleep(0.1)
-        yield Demo(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{provider_port}")
+    except BaseException:
+        stop(process)
+        raise
+    return process, Demo(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{provider_port}")
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    for attempt in range(1, START_ATTEMPTS + 1):
+        started = start_demo(tmp_path / f"demo-{attempt}.log")
+        if started is not None:
+            break
+    else:
+        pytest.fail(f"moko-guard demo found its ports taken {START_ATTEMPTS} times in a row")
+    process, running = started
+    try:
+        yield running
     finally:
         stop(process)
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's package "
-                    "(apt-get install chromium). This test never downloads a browser.",
-                    pytrace=False)
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """Debian's Chromium, headless, through Playwright; closed on exit."""
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
+        browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
         )
         try:
-            yield chromium
+            yield browser
         finally:
-            chromium.close()
+            browser.close()
 
 
 def background(page: Page) -> str:
@@ -140,8 +160,18 @@ def check_theme_toggle(page: Page, scheme_background: str, flipped_background: s
     assert page.evaluate("window.__mokoNoReload === true"), "the theme switch reloaded the page"
 
 
-def test_demo_sign_in_and_out_in_chromium(demo: Demo, browser: Browser) -> None:
+def test_demo_sign_in_and_out_in_chromium(demo: Demo) -> None:
+    # A failure, not a skip, and in the test itself so pytest reports FAILED: CI installs it.
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's package "
+                    "(apt-get install chromium). This test never downloads a browser.",
+                    pytrace=False)
     ARTIFACTS.mkdir(exist_ok=True)
+    with chromium() as browser:
+        sign_in_and_out(browser, demo)
+
+
+def sign_in_and_out(browser: Browser, demo: Demo) -> None:
     context = browser.new_context(viewport={"width": 1024, "height": 720})
     context.set_default_timeout(PAGE_TIMEOUT_MS)
     try:
@@ -180,9 +210,9 @@ def test_demo_sign_in_and_out_in_chromium(demo: Demo, browser: Browser) -> None:
         expect(page).to_have_title("Sample CRM")
         expect(page.locator("#signed-in-user")).to_contain_text(f"Signed in as {EMAIL}")
         page.screenshot(path=ARTIFACTS / "crm-signed-in.png", full_page=True)
-        session_cookies = [c for c in context.cookies(demo.base_url)
-                           if c["name"] == "moko_session"]
-        assert session_cookies, "no moko_session cookie after signing in"
+        session = [c["value"] for c in context.cookies(demo.base_url)
+                   if c["name"] == "moko_session"]
+        assert session, "no moko_session cookie after signing in"
 
         # Sign out: the guard says so and the CRM asks for a sign-in again.
         page.get_by_role("link", name="Sign out").click()
@@ -192,7 +222,7 @@ def test_demo_sign_in_and_out_in_chromium(demo: Demo, browser: Browser) -> None:
         expect(page.get_by_text("Signed in as")).to_have_count(0)
 
         # The old session cookie is revoked on the server, not only cleared in the browser.
-        context.add_cookies(session_cookies)
+        context.add_cookies([{"name": "moko_session", "value": session[0], "url": demo.base_url}])
         replay = context.request.get(f"{demo.base_url}/deals", max_redirects=0)
         assert replay.status == 302, replay.status
         assert replay.headers["location"].startswith("/oauth2/sign_in"), replay.headers

@@ -10,6 +10,8 @@ import asyncio
 import importlib.util
 import logging
 import secrets
+import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -73,6 +75,24 @@ def demo_settings(port: int, provider_port: int, data_dir: Path, client_secret: 
     })
 
 
+class DemoStartError(Exception):
+    """The demo cannot start, for a reason a person can fix."""
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((DEMO_HOST, port))
+    except OSError as exc:
+        sock.close()
+        raise DemoStartError(
+            f"port {port} on {DEMO_HOST} is not free ({exc.strerror}): "
+            "choose others with --port and --provider-port"
+        ) from None
+    return sock
+
+
 async def _serve(port: int, provider_port: int, data_dir: Path) -> None:
     client_secret = secrets.token_urlsafe(32)
     settings = demo_settings(port, provider_port, data_dir, client_secret)
@@ -88,7 +108,9 @@ async def _serve(port: int, provider_port: int, data_dir: Path) -> None:
         uvicorn.Server(uvicorn.Config(crm, host=DEMO_HOST, port=port, log_level="warning",
                                       lifespan="on")),
     ]
-    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    sockets = [_bind(provider_port), _bind(port)]
+    tasks = [asyncio.create_task(server.serve(sockets=[sock]))
+             for server, sock in zip(servers, sockets, strict=True)]
     while not all(server.started for server in servers):
         if any(task.done() for task in tasks):
             break
@@ -106,13 +128,24 @@ async def _serve(port: int, provider_port: int, data_dir: Path) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(port: int = 4180, provider_port: int = 4190) -> int:
+    for value in (port, provider_port):
+        if not 1 <= value <= 65535:
+            print(f"invalid port {value}: use a number from 1 to 65535", file=sys.stderr)
+            return 2
+    # uvicorn re-raises SIGTERM after its own shutdown; turning it into
+    # KeyboardInterrupt here lets the temporary folder be removed.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="moko-guard-demo-") as folder:
         try:
             asyncio.run(_serve(port, provider_port, Path(folder)))
         except KeyboardInterrupt:
             pass
-        except (OSError, SystemExit) as exc:
+        except DemoStartError as exc:
             print(f"demo failed to start: {exc}", file=sys.stderr)
             return 1
     return 0
