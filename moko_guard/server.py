@@ -31,6 +31,9 @@ class GuardServer:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
         if scope["type"] == "http" and scope.get("path") in ("/healthz", "/readyz"):
             await self._health(scope, send)
             return
@@ -38,6 +41,23 @@ class GuardServer:
             await self._metrics(send)
             return
         await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Start and stop the guard; the inner apps (404 page, proxy) need no lifespan."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.guard.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    logger.exception("startup_failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.guard.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def _metrics(self, send: Send) -> None:
         body = self.guard.metrics.render()
