@@ -84,10 +84,11 @@ class FlowManager:
     @staticmethod
     def attempt_id_of(state: str | None) -> str | None:
         """Return the attempt id inside a well-formed ``state``, else None."""
-        if not state or not _STATE_RE.match(state):
+        # fullmatch, because "$" in match() also accepts a trailing newline.
+        if not state or not _STATE_RE.fullmatch(state):
             return None
         attempt_id = state.split(".", 1)[0]
-        return attempt_id if _ATTEMPT_RE.match(attempt_id) else None
+        return attempt_id if _ATTEMPT_RE.fullmatch(attempt_id) else None
 
     def _prune(self, now: float) -> None:
         for attempt_id in [a for a, exp in self._consumed.items() if exp < now]:

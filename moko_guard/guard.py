@@ -36,7 +36,7 @@ from .logs import request_id_var
 from .logout import ReplayCache
 from .metrics import GuardMetrics
 from .ratelimit import RateLimiter
-from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path
+from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path, path_variants
 from .policy import SignInPolicy
 from .providers import Provider, build_provider
 from .redirects import RedirectPolicy, check_redirect
@@ -119,6 +119,8 @@ class Guard:
         self._logout_replays = ReplayCache()
         self.sessions.on_poll.append(self._update_session_gauge)
         self.router = Router(routes=self._routes())
+        # Run by shutdown(), for example to close the reverse proxy's upstream connections.
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Guard:
             self._started = True
 
     async def shutdown(self) -> None:
+        for callback in self.on_shutdown:
+            await callback()
         if self.reloader is not None:
             await self.reloader.stop()
         await self.sessions.stop()
@@ -239,9 +243,10 @@ class Guard:
 
         access = self.settings.access
         method = str(scope.get("method", "GET")).upper()
-        if self._is_native_login(path, method):
+        if any(self._is_native_login(variant, method) for variant in path_variants(path)):
             return AccessResult("forbidden", reason="sso_only", path=path)
-        if is_public(path, access.public_paths):
+        variants = path_variants(path)
+        if all(is_public(variant, access.public_paths) for variant in variants):
             return AccessResult("anonymous", path=path)
 
         check = self.check_session(scope)
@@ -251,7 +256,9 @@ class Guard:
                 return AccessResult("anonymous", reason=check.reason, path=path)
             return AccessResult("unauthenticated", reason=check.reason, path=path)
 
-        denial = self._role_denial(principal, path, scope.get("method", "GET"))
+        denial = None
+        for variant in variants:
+            denial = denial or self._role_denial(principal, variant, method)
         if denial is not None:
             return AccessResult("forbidden", principal, denial, path)
         return AccessResult("allow", principal, path=path)

@@ -3,11 +3,13 @@
 Public paths, access rules and SSO-only blocks are matched on the path the
 upstream will act on: percent-decoded once, with ``//`` collapsed and ``.`` and
 ``..`` segments resolved (RFC 3986 section 5.2.4), and without the query. A
-path that can be read two ways is refused instead of guessed: an invalid or
-double percent-encoding, a backslash, a control character or a ``;``
-parameter on a dot segment. Deny rules compare case-insensitively, so
-``/ADMIN`` cannot slip past a rule for ``/admin`` on a case-insensitive
-upstream; public paths compare exactly, so they never admit more than listed.
+path that can be read two ways is rejected instead of guessed. That covers an
+invalid or double percent-encoding, a backslash, a control character, a ``;``
+parameter on a dot segment, and an encoded ``?`` or ``#``, which an upstream
+that decodes before it splits off the query reads as a different path. Deny
+rules compare case-insensitively, so ``/ADMIN`` cannot slip past a rule for
+``/admin`` on a case-insensitive upstream; public paths compare exactly, so
+they never admit more than listed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 _VALID_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ANY_PERCENT_RE = re.compile(r"%")
-_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f\\#]")
+_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f\\#?]")
 
 
 class AmbiguousPath(ValueError):
@@ -27,6 +29,11 @@ class AmbiguousPath(ValueError):
 def _percent_decode(path: str) -> str:
     if len(_ANY_PERCENT_RE.findall(path)) != len(_VALID_ESCAPE_RE.findall(path)):
         raise AmbiguousPath("invalid percent-encoding")
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AmbiguousPath("path contains a lone surrogate") from None
     raw = bytearray()
     index = 0
     while index < len(path):
@@ -53,7 +60,7 @@ def normalise_path(target: str) -> str:
         raise AmbiguousPath("path does not start with /")
     decoded = _percent_decode(path)
     if _FORBIDDEN_RE.search(decoded):
-        raise AmbiguousPath("backslash, fragment, space or control character in path")
+        raise AmbiguousPath("backslash, \"?\", \"#\", space or control character in path")
 
     segments: list[str] = []
     for segment in decoded.split("/")[1:]:
@@ -69,6 +76,19 @@ def normalise_path(target: str) -> str:
         segments.append(segment)
     trailing = "/" if decoded.endswith(("/", "/.", "/..")) and segments else ""
     return "/" + "/".join(segments) + trailing
+
+
+def path_variants(path: str) -> tuple[str, ...]:
+    """Return the readings of a normalised path that an upstream may route on.
+
+    Java servers (Tomcat, Jetty) drop ``;param`` from every segment, so
+    ``/admin;x/users`` reaches ``/admin/users`` there. Deny rules must match
+    any reading, and a public path must be public in every reading.
+    """
+    if ";" not in path:
+        return (path,)
+    stripped = "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
+    return (path, stripped or "/")
 
 
 def matches_prefix(path: str, prefix: str, *, ignore_case: bool = False) -> bool:

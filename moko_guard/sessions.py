@@ -26,6 +26,16 @@ from .store import Store, UserRecord
 logger = logging.getLogger(__name__)
 
 SESSION_PURPOSE = "session"
+# Seconds each revocation poll looks back before the previous one, to absorb clock skew
+# between processes that share the store.
+POLL_LOOKBACK = 60.0
+
+# Maximum number of opened cookies kept by SessionManager.check (a few hundred
+# bytes each); the oldest entry is dropped first.
+OPENED_COOKIE_CACHE_SIZE = 4096
+
+# The Principal fields a sealed session cookie carries, in the order _open_fields returns them.
+_PrincipalFields = tuple[str, int, str, str | None, tuple[str, ...], str, str | None, float, float]
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,10 @@ class SessionManager:
         self._last_poll: datetime | None = None
         self._poller: asyncio.Task[None] | None = None
         self.on_poll: list[Callable[[], Awaitable[None]]] = []
+        # Cookie value -> its opened fields. Valid only for the sealer that opened them, so a
+        # key rotation (a new self.sealer) empties it; expiry and revocation are checked per call.
+        self._opened: dict[str, _PrincipalFields] = {}
+        self._opened_by: Sealer | None = None
 
     def rotate(self, secrets_: Sequence[str]) -> None:
         """Replace the keys; cookies sealed with any of the new secrets still open."""
@@ -120,21 +134,46 @@ class SessionManager:
         }
         return self.sealer.seal(payload, SESSION_PURPOSE), principal
 
+    def _open_fields(self, cookie_value: str) -> _PrincipalFields:
+        """Return the Principal fields sealed in a cookie, from the cache when this sealer opened it.
+
+        Raises SealError, KeyError, TypeError or ValueError for a cookie that does not open.
+        Only cookies that opened are cached, so a bad cookie costs a full open every time.
+        """
+        if self._opened_by is not self.sealer:
+            self._opened.clear()
+            self._opened_by = self.sealer
+        fields = self._opened.get(cookie_value)
+        if fields is not None:
+            return fields
+        data = self.sealer.open(cookie_value, SESSION_PURPOSE)
+        fields = (
+            str(data["sid"]), int(data["uid"]), str(data["usr"]),
+            data["eml"] if isinstance(data.get("eml"), str) else None,
+            tuple(str(r) for r in data["rol"]), str(data["prv"]),
+            data["pun"] if isinstance(data.get("pun"), str) else None,
+            float(data["iat"]), float(data["exp"]),
+        )
+        if len(self._opened) >= OPENED_COOKIE_CACHE_SIZE:
+            del self._opened[next(iter(self._opened))]
+        self._opened[cookie_value] = fields
+        return fields
+
     def check(self, cookie_value: str | None) -> SessionCheck:
         """Open a session cookie; the hot path: no I/O."""
         if not cookie_value:
             return SessionCheck(None, None)
         try:
-            data = self.sealer.open(cookie_value, SESSION_PURPOSE)
-            principal = Principal(
-                session_id=str(data["sid"]), user_id=int(data["uid"]), username=str(data["usr"]),
-                email=data["eml"] if isinstance(data.get("eml"), str) else None,
-                roles=tuple(str(r) for r in data["rol"]), provider=str(data["prv"]),
-                preferred_username=data["pun"] if isinstance(data.get("pun"), str) else None,
-                issued_at=float(data["iat"]), expires_at=float(data["exp"]),
-            )
+            (session_id, user_id, username, email, roles, provider, preferred_username, issued_at,
+             expires_at) = self._open_fields(cookie_value)
         except (SealError, KeyError, TypeError, ValueError):
             return SessionCheck(None, "tampered")
+        # A new Principal per call, so no request shares a mutable object with another.
+        principal = Principal(
+            session_id=session_id, user_id=user_id, username=username, email=email, roles=roles,
+            provider=provider, preferred_username=preferred_username, issued_at=issued_at,
+            expires_at=expires_at,
+        )
         if self.clock() >= principal.expires_at:
             return SessionCheck(None, "expired")
         if principal.session_id in self.revoked:
@@ -161,7 +200,9 @@ class SessionManager:
 
     async def poll_revocations(self) -> None:
         """Load revocations written since the last poll (by any process)."""
-        started = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1)
+        # Another process's clock may lag ours: look back further than one poll, so its
+        # revocations are not missed. Re-adding an id already known is harmless.
+        started = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=POLL_LOOKBACK)
         rows = await self.store.revoked_sessions_since(self._last_poll)
         for session_id, expires_at, _revoked_at in rows:
             self.revoked.add(session_id, expires_at.replace(tzinfo=UTC).timestamp())

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,11 @@ async def _verify_signature(
     for jwk in candidates:
         try:
             key = algorithm.from_jwk(json.dumps(jwk))
+        except (jwt.InvalidKeyError, ValueError, TypeError):
+            # One malformed entry in the provider's JWKS must not block its other keys.
+            logger.warning("jwks_key_invalid kid=%r kty=%r", jwk.get("kid"), jwk.get("kty"))
+            continue
+        try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key,  # type: ignore[arg-type]
@@ -186,7 +192,13 @@ def _numeric_claim(claims: dict[str, Any], name: str, *, required: bool) -> floa
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise LoginError("token_invalid", f"ID token {name} is missing or not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise LoginError("token_invalid", f"ID token {name} is not a finite number")
+    return number
 
 
 def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
@@ -219,7 +231,9 @@ async def validate_id_token(
     token: str, expected: TokenExpectations, jwks: JwksCache, *, now: float | None = None
 ) -> dict[str, Any]:
     """Validate an ID token and return its claims, or raise ``LoginError("token_invalid")``."""
-    if not isinstance(token, str) or token.count(".") != 2:
+    # A compact JWS is ASCII only. Checking it here keeps PyJWT from raising
+    # UnicodeEncodeError on a lone surrogate that a JSON token response can carry.
+    if not isinstance(token, str) or not token.isascii() or token.count(".") != 2:
         raise LoginError("token_invalid", "ID token is not a compact JWS")
     try:
         header = jwt.get_unverified_header(token)
