@@ -144,9 +144,27 @@ def _load(path: str | None) -> Settings:
     return load_settings(path)
 
 
+def _check_providers(settings: Settings) -> None:
+    """Build every provider, so type-specific settings are checked too; no request is sent."""
+    import httpx
+
+    from .providers import build_provider
+
+    problems: list[str] = []
+    client = httpx.AsyncClient()
+    for provider in settings.providers:
+        try:
+            build_provider(provider, client)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         settings = _load(args.config)
+        _check_providers(settings)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1

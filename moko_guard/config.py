@@ -138,6 +138,10 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=4180, ge=1, le=65535)
     hsts_max_age: int = Field(default=31536000, ge=0)
+    # Reverse-proxy mode: send the client's Host to the upstream (false: the upstream's own host).
+    preserve_host: bool = True
+    upstream_timeout: float = 60.0
+    upstream_connect_timeout: float = 5.0
 
     @field_validator("public_url")
     @classmethod
@@ -172,6 +176,31 @@ class ServerSettings(_Section):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http(s) URL like \"http://127.0.0.1:8080\"")
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _check_proxy_entries(cls, value: object) -> object:
+        # Parsed here so an error names the entry once. Only strings are accepted, because
+        # ipaddress would read true as the network 0.0.0.1/32 and an integer as an address.
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:
+                if not isinstance(item, str):
+                    raise ValueError
+                networks.append(ipaddress.ip_network(item.strip()))
+            except ValueError:
+                raise ValueError(
+                    f"entry {item!r:.60} is not a network: write an address or network in "
+                    "quotes, with the host bits zero, like \"127.0.0.1/32\" or \"10.0.0.0/8\""
+                ) from None
+        return networks
+
+    @field_validator("upstream_timeout", "upstream_connect_timeout", mode="before")
+    @classmethod
+    def _check_duration(cls, value: object) -> float:
+        return parse_duration(value)
 
     @model_validator(mode="after")
     def _check_https(self) -> ServerSettings:
@@ -305,11 +334,17 @@ class AccessSettings(_Section):
     auto_provision: bool = False
     provision_email_domains: list[str] = Field(default_factory=list)
     link_by_verified_email: bool = True
+    # Admit people whose provider shares no email (Facebook users who decline the
+    # permission). Such a user is created with the username "<provider>:<subject>".
+    allow_missing_email: bool = False
     default_roles: list[str] = Field(default_factory=lambda: ["user"])
     allowed_redirect_hosts: list[str] = Field(default_factory=list)
     public_paths: list[str] = Field(default_factory=list)
     native_login_paths: list[str] = Field(default_factory=list)
     rules: list[AccessRule] = Field(default_factory=list)
+    # The CRM's own login page, where the guard adds one sign-in link per provider (off when unset).
+    login_page_path: str | None = None
+    login_page_marker: str = "</form>"
 
     @field_validator("allowed_email_domains", "provision_email_domains")
     @classmethod
@@ -335,6 +370,20 @@ class AccessSettings(_Section):
         for item in value:
             if not item.startswith("/"):
                 raise ValueError(f"\"{item}\" must start with \"/\"")
+        return value
+
+    @field_validator("login_page_path")
+    @classmethod
+    def _check_login_page_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be a path starting with \"/\", like \"/login\"")
+        return value
+
+    @field_validator("login_page_marker")
+    @classmethod
+    def _check_login_page_marker(cls, value: str) -> str:
+        if not value or len(value) > 200:
+            raise ValueError("must be 1 to 200 characters of the page's HTML, like \"</form>\"")
         return value
 
     @model_validator(mode="after")
@@ -414,6 +463,8 @@ class ProviderSettings(_Section):
     allowed_teams: list[str] = Field(default_factory=list)
     # oauth2: dotted paths into the userinfo JSON for each identity field.
     claims: dict[str, str] = Field(default_factory=dict)
+    # Bearer tokens for API clients: accepted "aud" values besides client_id.
+    api_audiences: list[str] = Field(default_factory=list)
 
     @field_validator("id")
     @classmethod
@@ -520,7 +571,8 @@ _SECTIONS = ("server", "session", "store", "access", "headers", "rate_limit", "l
 _LIST_KEYS = {
     "trusted_proxies", "secrets", "allowed_email_domains", "allowed_roles",
     "provision_email_domains", "default_roles", "allowed_redirect_hosts", "public_paths",
-    "native_login_paths", "scopes", "id_token_algorithms",
+    "native_login_paths", "scopes", "id_token_algorithms", "api_audiences",
+    "allowed_organizations", "allowed_teams", "allowed_tenants",
 }
 _SECRET_KEYS = {"secrets", "client_secret"}
 

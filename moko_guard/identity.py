@@ -22,6 +22,8 @@ class Identity:
     managed_roles: tuple[str, ...] = ()
     # The provider's own session id (the ID token's "sid"), for back-channel logout.
     provider_session: str | None = None
+    # The reason code for a sign-in that needs an email when the provider sent none.
+    missing_email_reason: str = "email_missing"
 
     @property
     def email_domain(self) -> str | None:

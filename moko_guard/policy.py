@@ -9,6 +9,7 @@ compare the exact domain after the last ``@``, case-insensitively: a
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from .config import AccessSettings
@@ -26,6 +27,15 @@ class Resolution:
     linked: bool = False
 
 
+_PLAIN_EMAIL_RE = re.compile(r"[^@\s\x00-\x1f\x7f]+@[A-Za-z0-9.-]+")
+
+
+def _check_email_shape(identity: Identity) -> None:
+    """Reject an address with a second "@", spaces or control characters (never guessed at)."""
+    if identity.email and not _PLAIN_EMAIL_RE.fullmatch(identity.email):
+        raise LoginError("malformed_email", "the provider's email is not a plain address")
+
+
 def verified_domain(identity: Identity) -> str | None:
     """The verified email's domain, or None when there is no verified email."""
     if not identity.email_verified:
@@ -37,7 +47,7 @@ def _check_email_allowed(identity: Identity, access: AccessSettings) -> None:
     if not access.allowed_email_domains:
         return
     if not identity.email:
-        raise LoginError("email_missing", "the provider sent no email")
+        raise LoginError(identity.missing_email_reason, "the provider sent no email")
     if not identity.email_verified:
         raise LoginError("email_unverified", "the provider does not assert the email as verified")
     if verified_domain(identity) not in access.allowed_email_domains:
@@ -53,7 +63,7 @@ def _check_user(user: UserRecord, access: AccessSettings) -> None:
 
 def _check_provisioning(identity: Identity, access: AccessSettings) -> str:
     if not identity.email:
-        raise LoginError("email_missing", "the provider sent no email")
+        raise LoginError(identity.missing_email_reason, "the provider sent no email")
     if not identity.email_verified:
         raise LoginError("email_unverified", "the provider does not assert the email as verified")
     domain = verified_domain(identity)
@@ -69,6 +79,7 @@ class SignInPolicy:
 
     async def resolve(self, identity: Identity) -> Resolution:
         """Return the user this identity signs in as, creating or linking it when allowed."""
+        _check_email_shape(identity)
         _check_email_allowed(identity, self.access)
 
         user = await self.store.user_for_identity(identity.provider, identity.subject)
@@ -77,6 +88,10 @@ class SignInPolicy:
             _check_user(user, self.access)
             return Resolution(user)
 
+        if not identity.email and self.access.allow_missing_email:
+            if not self.access.auto_provision:
+                raise LoginError("provisioning_disabled", "no account (no email)")
+            return await self._provision_without_email(identity)
         try:
             email = _check_provisioning(identity, self.access)
         except LoginError as exc:
@@ -111,11 +126,27 @@ class SignInPolicy:
         await self.store.link_identity(owner.id, identity.provider, identity.subject, identity.email)
         return Resolution(owner, linked=True)
 
+    async def _provision_without_email(self, identity: Identity) -> Resolution:
+        roles = [*self.access.default_roles, *identity.roles]
+        if self.access.allowed_roles and not set(roles) & set(self.access.allowed_roles):
+            raise LoginError("role_not_allowed", "a new user would hold none of the allowed roles")
+        user, created = await self.store.create_user_with_identity(
+            username=f"{identity.provider}:{identity.subject}", email=None,
+            display_name=identity.name, roles=roles, provider=identity.provider,
+            subject=identity.subject, identity_email=None,
+        )
+        _check_user(user, self.access)
+        return Resolution(user, provisioned=created)
+
     async def _provision(self, identity: Identity, email: str) -> Resolution:
+        roles = [*self.access.default_roles, *identity.roles]
+        # Reject before writing, so a person who may not sign in leaves no user behind.
+        if self.access.allowed_roles and not set(roles) & set(self.access.allowed_roles):
+            raise LoginError("role_not_allowed", "a new user would hold none of the allowed roles")
         try:
             user, created = await self.store.create_user_with_identity(
                 username=email, email=email, display_name=identity.name,
-                roles=[*self.access.default_roles, *identity.roles], provider=identity.provider,
+                roles=roles, provider=identity.provider,
                 subject=identity.subject, identity_email=identity.email,
             )
         except EmailTaken as exc:
