@@ -35,7 +35,8 @@ def escape_control(value: str) -> str:
         code = ord(match.group(0))
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
-    return _CONTROL_RE.sub(_escape, value)
+    # Backslashes are doubled first, so a typed "\x0a" stays apart from an escaped newline.
+    return _CONTROL_RE.sub(_escape, value.replace("\\", "\\\\"))
 
 
 @dataclass(frozen=True)

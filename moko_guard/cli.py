@@ -232,11 +232,15 @@ async def _users_set_disabled(settings: Settings, value: str, disabled: bool) ->
             print(f"user \"{value}\" not found", file=sys.stderr)
             return 1
         await store.set_disabled(user_id, disabled)
-        ended = await store.revoke_user_sessions(user_id) if disabled else []
+        state = "disabled" if disabled else "enabled"
+        await Auditor(store).record(AuditEvent(
+            "user.disabled" if disabled else "user.enabled", "info", reason=f"user_{state}",
+            user_id=user_id, detail="cli"))
+        user = await store.user_by_id(user_id)
+        ended = await _end_sessions(store, user, "user_disabled") if disabled and user else 0
     finally:
         await store.close()
-    state = "disabled" if disabled else "enabled"
-    print(f"user {user_id} {state}" + (f", {len(ended)} sessions ended" if disabled else ""))
+    print(f"user {user_id} {state}" + (f", {ended} sessions ended" if disabled else ""))
     return 0
 
 

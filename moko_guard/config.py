@@ -33,6 +33,8 @@ from .errors import ConfigError
 ENV_PREFIX = "MOKO_GUARD_"
 DEFAULT_CONFIG_PATH = "moko-guard.toml"
 MIN_SESSION_SECRET_LENGTH = 32
+# Ten years: longer durations would overflow expiry timestamps.
+MAX_DURATION = 3650 * 86400.0
 PROVIDER_TYPES = ("oidc", "google", "microsoft", "facebook", "github", "oauth2")
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
@@ -84,6 +86,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("must be a finite duration like \"8h\" or \"30m\"")
     if seconds <= 0:
         raise ValueError("must be a duration greater than zero")
+    if seconds > MAX_DURATION:
+        raise ValueError("must be a duration of at most 3650 days")
     return seconds
 
 

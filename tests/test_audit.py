@@ -68,9 +68,16 @@ def test_escape_control_makes_character_visible(raw: str, escaped: str) -> None:
 
 
 def test_escape_control_keeps_printable_text() -> None:
-    text = "Zoë <zoe@example.com> \"quoted\" \\ ✓"
+    text = "Zoë <zoe@example.com> \"quoted\" ✓"
 
     assert escape_control(text) == text
+
+
+def test_escape_control_doubles_backslash() -> None:
+    typed = "\\x0a"
+
+    assert escape_control(typed) == "\\\\x0a"
+    assert escape_control(typed) != escape_control("\n")
 
 
 @pytest.mark.parametrize(("raw", "escaped"), CONTROL_CASES[:4] + CONTROL_CASES[7:8],

@@ -524,3 +524,80 @@ def test_console_script_runs(config_path: Path) -> None:
     assert check.stdout.startswith("config is valid")
     assert usage.returncode == 2
     assert "invalid choice" in usage.stderr
+
+
+def test_admin_verbs_change_user_and_audit(tmp_path: Path) -> None:
+    config = _admin_config(tmp_path)
+    asyncio.run(_seed_user(tmp_path))
+
+    show = _run_cli(["users", "show", "ann@example.com", "--json", "--config", str(config)])
+    link = _run_cli(["users", "link", "1", "--provider", "gh", "--subject", "9",
+                     "--config", str(config)])
+    roles = _run_cli(["users", "roles", "1", "--add", "admin", "--config", str(config)])
+    unlink = _run_cli(["users", "unlink", "1", "--provider", "gh", "--config", str(config)])
+    unlink_again = _run_cli(["users", "unlink", "1", "--provider", "gh", "--config", str(config)])
+    revoke = _run_cli(["sessions", "revoke", "--user", "1", "--config", str(config)])
+    prune = _run_cli(["audit", "prune", "--before", "2999-01-01", "--config", str(config)])
+
+    assert show[0] == 0
+    assert json.loads(show[1])["identities"] == [
+        {"provider": "idp", "subject": "s1", "email": None}]
+    assert link == (0, "linked gh/9 to user 1\n")
+    assert roles == (0, "user 1 roles: admin,user\n")
+    assert unlink[0] == 0
+    assert unlink_again[0] == 1
+    assert revoke[0] == 0
+    assert prune[0] == 0
+    assert prune[1].startswith("deleted 2 audit events")
+
+
+def test_link_taken_identity_fails(tmp_path: Path) -> None:
+    config = _admin_config(tmp_path)
+    asyncio.run(_seed_user(tmp_path))
+
+    asyncio.run(_seed_user(tmp_path, email="bob@example.com", subject="bob-sub"))
+
+    taken, _ = _run_cli(["users", "link", "1", "--provider", "idp", "--subject", "bob-sub",
+                         "--config", str(config)])
+    unknown, _ = _run_cli(["users", "link", "99", "--provider", "idp", "--subject", "x",
+                           "--config", str(config)])
+
+    assert taken == 1
+    assert unknown == 1
+
+
+def _admin_config(tmp_path: Path) -> Path:
+    config = tmp_path / "admin.toml"
+    config.write_text(
+        '[server]\npublic_url = "https://crm.example.com"\n'
+        f'[session]\nsecrets = ["{"k" * 40}"]\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "admin.db"}"\n'
+        '[[providers]]\nid = "idp"\ntype = "oidc"\nissuer = "https://idp.test"\n'
+        'client_id = "c"\nclient_secret = "s"\n'
+    )
+    return config
+
+
+async def _seed_user(tmp_path: Path, email: str = "ann@example.com", subject: str = "s1") -> None:
+    from moko_guard.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'admin.db'}")
+    await store.open()
+    try:
+        await store.create_user_with_identity(
+            username=email, email=email, display_name=None, roles=["user"], provider="idp",
+            subject=subject, identity_email=None)
+    finally:
+        await store.close()
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from moko_guard.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
