@@ -406,6 +406,11 @@ class RateLimitSettings(_Section):
     burst: int = Field(default=20, ge=1)
 
 
+class UiSettings(_Section):
+    # A folder of extra or overriding message catalogues named <language>.json.
+    locales_dir: str | None = None
+
+
 class LoggingSettings(_Section):
     format: Literal["text", "json"] = "text"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -549,6 +554,7 @@ class Settings(_Section):
     headers: HeaderSettings = Field(default_factory=HeaderSettings)
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -571,7 +577,7 @@ class Settings(_Section):
 
 # --- loading ---------------------------------------------------------------
 
-_SECTIONS = ("server", "session", "store", "access", "headers", "rate_limit", "logging")
+_SECTIONS = ("server", "session", "store", "access", "headers", "rate_limit", "logging", "ui")
 _LIST_KEYS = {
     "trusted_proxies", "secrets", "allowed_email_domains", "allowed_roles",
     "provision_email_domains", "default_roles", "allowed_redirect_hosts", "public_paths",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -43,7 +44,8 @@ from .redirects import RedirectPolicy, check_redirect
 from .rotation import SecretReloader
 from .sessions import SessionCheck, SessionManager
 from .store import IdentityTaken, Store
-from .web import ProviderButton, message_page, sign_in_page
+from .web import ProviderButton, english_strings, message_page, sign_in_page
+from .web.i18n import Catalogues
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class Guard:
         self.metrics = GuardMetrics()
         self.sign_in_limit = RateLimiter(settings.rate_limit.sign_in_per_minute,
                                          settings.rate_limit.burst)
+        locales_dir = settings.ui.locales_dir
+        self.catalogues = Catalogues(english_strings(), Path(locales_dir) if locales_dir else None)
         self.admin = AdminPages(self)
         self._logout_replays = ReplayCache()
         self.sessions.on_poll.append(self._update_session_gauge)
@@ -374,9 +378,13 @@ class Guard:
                            escape_control((raw or "")[:300]), self.request_id(request.scope))
         return result.target
 
+    def language(self, request: Request) -> str:
+        return self.catalogues.choose(request.headers.get("accept-language"))
+
     async def sign_in(self, request: Request) -> Response:
         rd = self._checked_rd(request, request.query_params.get("rd"))
-        return sign_in_page(self._buttons(rd))
+        return sign_in_page(self._buttons(rd), language=self.language(request),
+                            catalogues=self.catalogues)
 
     async def _rate_limited(self, request: Request, endpoint: str) -> Response | None:
         """A 429 page when this client started too many sign-ins, else None."""
@@ -511,7 +519,8 @@ class Guard:
         headers = {"Retry-After": "30"} if error.status == 503 else None
         return sign_in_page(self._buttons(rd), reason=error.reason,
                             request_id=self.request_id(request.scope), status=error.status,
-                            headers=headers)
+                            headers=headers, language=self.language(request),
+                            catalogues=self.catalogues)
 
     async def sign_out(self, request: Request) -> Response:
         await self.ensure_started()
@@ -531,9 +540,12 @@ class Guard:
         if raw_rd:
             response: Response = RedirectResponse(self._checked_rd(request, raw_rd), status_code=302)
         else:
+            language = self.language(request)
+            strings = self.catalogues.strings(language)
             response = message_page(
-                "Signed out", "You are signed out.", link=self.sign_in_url(None),
-                link_text="Sign in again",
+                strings["ui.signed_out.title"], strings["ui.signed_out.message"],
+                link=self.sign_in_url(None), link_text=strings["ui.signed_out.link"],
+                strings=strings, language=language,
             )
         self._clear_session_cookie(response)
         return response

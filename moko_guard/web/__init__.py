@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+
+from .i18n import DEFAULT_LANGUAGE, UI_STRINGS, Catalogues
 from starlette.responses import HTMLResponse
 
 _env = Environment(
@@ -53,10 +55,22 @@ REASON_MESSAGES = {
 }
 
 
-def reason_message(reason: str | None) -> str | None:
+def english_strings() -> dict[str, str]:
+    """Return the built-in English catalogue: page text and every reason message."""
+    strings = dict(UI_STRINGS)
+    strings.update({f"reason.{code}": text for code, text in REASON_MESSAGES.items()})
+    strings["reason.failed"] = "The sign-in failed. Please try again."
+    return strings
+
+
+DEFAULT_CATALOGUES = Catalogues(english_strings())
+
+
+def reason_message(reason: str | None, strings: dict[str, str] | None = None) -> str | None:
     if reason is None:
         return None
-    return REASON_MESSAGES.get(reason, "The sign-in failed. Please try again.")
+    table = strings or DEFAULT_CATALOGUES.english
+    return table.get(f"reason.{reason}", table["reason.failed"])
 
 
 @dataclass(frozen=True)
@@ -89,15 +103,22 @@ def sign_in_page(
     request_id: str | None = None,
     status: int = 200,
     headers: dict[str, str] | None = None,
+    language: str = DEFAULT_LANGUAGE,
+    catalogues: Catalogues | None = None,
 ) -> HTMLResponse:
+    strings = (catalogues or DEFAULT_CATALOGUES).strings(language)
     return render(
-        "sign_in.html", status, headers, buttons=buttons, error=reason_message(reason),
-        reason=reason, request_id=request_id,
+        "sign_in.html", status, {**(headers or {}), "Content-Language": language},
+        buttons=buttons, error=reason_message(reason, strings), reason=reason,
+        request_id=request_id, t=strings, lang=language,
     )
 
 
 def message_page(title: str, message: str, *, status: int = 200, request_id: str | None = None,
                  link: str | None = None, link_text: str | None = None,
-                 headers: dict[str, str] | None = None) -> HTMLResponse:
+                 headers: dict[str, str] | None = None,
+                 strings: dict[str, str] | None = None, language: str = DEFAULT_LANGUAGE,
+                 ) -> HTMLResponse:
     return render("message.html", status, headers, title=title, message=message,
-                  request_id=request_id, link=link, link_text=link_text)
+                  request_id=request_id, link=link, link_text=link_text,
+                  t=strings or DEFAULT_CATALOGUES.english, lang=language)
