@@ -17,6 +17,18 @@ from .headers import header_value
 
 logger = logging.getLogger(__name__)
 
+# Headers that would change the scheme, host or path the guard decides on, had a
+# trusted proxy sent them. From any other peer they are ignored with a warning.
+# X-Forwarded-For and X-Real-IP are left out: client-side proxies add them to
+# ordinary traffic, and they only change the address written to the audit log.
+_DECISION_HEADERS = (
+    (b"x-forwarded-proto", "X-Forwarded-Proto"), (b"x-forwarded-host", "X-Forwarded-Host"),
+    (b"x-forwarded-uri", "X-Forwarded-Uri"), (b"x-original-uri", "X-Original-URI"),
+)
+# Set in scope["state"] once the warning for a request is logged, because several
+# parts of the guard read the request info of one request.
+_WARNED_STATE_KEY = "moko_untrusted_forwarding_warned"
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -59,9 +71,23 @@ def request_info(scope: Scope, trusted: Sequence[Network]) -> RequestInfo:
         if forwarded_host:
             host = forwarded_host.split(",")[0].strip()
         client_ip = _forwarded_client(headers, trusted) or peer
-    elif header_value(headers, b"x-forwarded-proto") or header_value(headers, b"x-forwarded-uri"):
-        logger.debug("untrusted_forwarded_header peer=%s", peer)
+    else:
+        _warn_untrusted_forwarding(scope, headers, peer)
     return RequestInfo(peer, client_ip, scheme, host, trusted_peer)
+
+
+def _warn_untrusted_forwarding(scope: Scope, headers: Sequence[tuple[bytes, bytes]],
+                               peer: str | None) -> None:
+    """Log each ignored forwarding header of an untrusted peer once per request, without its value."""
+    names = [name for raw, name in _DECISION_HEADERS if header_value(headers, raw) is not None]
+    if not names:
+        return
+    state = scope.setdefault("state", {})
+    if state.get(_WARNED_STATE_KEY):
+        return
+    state[_WARNED_STATE_KEY] = True
+    for name in names:
+        logger.warning("untrusted_forwarded_header name=%s peer=%s", name, peer)
 
 
 def _forwarded_client(headers: Sequence[tuple[bytes, bytes]], trusted: Sequence[Network]) -> str | None:

@@ -374,7 +374,7 @@ class Guard:
     def _checked_rd(self, request: Request, raw: str | None) -> str:
         result = check_redirect(raw, self.redirect_policy)
         if result.rejected:
-            logger.warning("redirect_rejected rd=%s request_id=%s",
+            logger.warning("redirect_rejected reason=%s rd=%s request_id=%s", result.reason,
                            escape_control((raw or "")[:300]), self.request_id(request.scope))
         return result.target
 
@@ -484,8 +484,10 @@ class Guard:
             client_ip=info.client_ip, user_agent=request.headers.get("user-agent"),
             provider_session=identity.provider_session,
         )
+        # The store keeps emails lower-cased, so the audit row shows the same form.
+        email = identity.email.lower() if identity.email else None
         base = AuditEvent("login.success", "success", provider=identity.provider,
-                          subject=identity.subject, user_id=user.id, email=identity.email)
+                          subject=identity.subject, user_id=user.id, email=email)
         if resolution.provisioned:
             await self.audit(request, AuditEvent(**{**base.__dict__, "event": "user.provisioned",
                                                     "outcome": "info"}))
@@ -600,14 +602,18 @@ class Guard:
 
     async def _auth_decision(self, request: Request) -> Response:
         info = self.info(request.scope)
-        target: str | None = None
-        if info.trusted_peer:
-            target = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri")
-        if target is None:
-            # Without a trusted original URI there is no path to check rules against.
-            target = "/"
-        result = self.access(request.scope, target)
         headers = {"Cache-Control": "no-store"}
+        sent = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri")
+        if not info.trusted_peer:
+            # Only a trusted proxy may say which request is being checked.
+            logger.warning("untrusted_forwarded_header name=X-Original-URI peer=%s present=%s",
+                           info.peer, sent is not None)
+            return Response(status_code=401, headers=headers)
+        if not sent:
+            # Without the original URI no rule can be checked: refuse instead of guessing "/".
+            logger.error("auth_bad_target header=X-Original-URI reason=missing peer=%s", info.peer)
+            return Response(status_code=401, headers=headers)
+        result = self.access(request.scope, sent)
         if result.decision == "allow" and result.principal is not None:
             headers.update(self.identity_headers.build(result.principal))
             return Response(status_code=202, headers=headers)

@@ -2,20 +2,25 @@
 
 A client must never be able to send an identity header the upstream trusts.
 Before the upstream sees a request, every header whose name, compared
-case-insensitively with ``_`` and ``-`` treated alike, is one of the configured
-names or a well-known identity header (``X-Forwarded-User``, ``Remote-User``,
-...) is removed. Treating ``_`` as ``-`` matters because nginx, PHP's CGI
-variables and WSGI servers map ``X_Auth_Request_User`` and
-``X-Auth-Request-User`` to the same variable.
+case-insensitively with ``_``, ``.`` and ``-`` treated alike, is one of the
+configured names or a well-known identity header (``X-Forwarded-User``,
+``Remote-User``, ...) is removed. Treating ``_`` as ``-`` matters because
+nginx, PHP's CGI variables and WSGI servers map ``X_Auth_Request_User`` and
+``X-Auth-Request-User`` to the same variable. ``.`` counts too: PHP puts
+``X.Authenticated.User`` and ``X-Authenticated-User`` in one ``$_SERVER`` key
+(Traefik advisory GHSA-rf44-j88r-hh8c, the dot form of GHSA-x677-9fxg-v5c5).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 from .config import HeaderSettings
 from .flow import FLOW_COOKIE_PREFIX
 from .identity import Principal
+
+logger = logging.getLogger(__name__)
 
 WELL_KNOWN_IDENTITY_HEADERS = (
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
@@ -29,9 +34,9 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 
 def canonical(name: str | bytes) -> str:
-    """Lower-case a header name and map ``_`` to ``-``, the form used for matching."""
+    """Lower-case a header name and map ``_`` and ``.`` to ``-``, the form used for matching."""
     text = name.decode("latin-1") if isinstance(name, bytes) else name
-    return text.strip().lower().replace("_", "-")
+    return text.strip().lower().replace("_", "-").replace(".", "-")
 
 
 class IdentityHeaders:
@@ -53,6 +58,8 @@ class IdentityHeaders:
         cleaned: RawHeaders = []
         for key, value in headers:
             if canonical(key) in self.blocked:
+                # The name only: the value may be a forged identity or a token.
+                logger.debug("stripped_client_identity_header name=%r", key.decode("latin-1"))
                 continue
             if key.lower() == b"cookie":
                 kept = strip_guard_cookies(value.decode("latin-1"), session_cookie)
@@ -83,7 +90,9 @@ def strip_guard_cookies(cookie_header: str, session_cookie: str) -> str:
     kept = []
     for part in cookie_header.split(";"):
         name = part.split("=", 1)[0].strip()
-        if name == session_cookie or name.startswith(FLOW_COOKIE_PREFIX + "_"):
+        # Also "<name>_0", "<name>_1", ...: leftovers of split session cookies.
+        is_session = name == session_cookie or name.startswith(session_cookie + "_")
+        if is_session or name.startswith(FLOW_COOKIE_PREFIX + "_"):
             continue
         if part.strip():
             kept.append(part.strip())
@@ -91,9 +100,11 @@ def strip_guard_cookies(cookie_header: str, session_cookie: str) -> str:
 
 
 def _header_safe(value: str) -> str:
-    """Drop characters that cannot travel in an HTTP header value."""
-    cleaned = "".join(ch for ch in value if 0x20 <= ord(ch) < 0x7f)
-    return cleaned
+    """Drop characters that cannot travel in an HTTP header value (keep U+0020 to U+007E)."""
+    # Fast path for the usual value: printable ASCII is exactly U+0020 to U+007E.
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(ch for ch in value if 0x20 <= ord(ch) < 0x7f)
 
 
 def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:

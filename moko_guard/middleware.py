@@ -18,7 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
 from .audit import AuditEvent
+from .bearer import BearerAuth, BearerRejected
 from .guard import AccessResult, Guard, _is_api_client
+from .inject import wrap_login_page
 from .web import message_page
 from .headers import header_value
 
@@ -38,6 +40,7 @@ class GuardMiddleware:
             guard = Guard(settings)
         self.app = app
         self.guard = guard
+        self.bearer = BearerAuth(guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -63,9 +66,16 @@ class GuardMiddleware:
 
         scope = dict(scope)
         result = guard.access(scope)
+        if self.bearer.applies(scope, result):
+            try:
+                result = await self.bearer.authenticate(scope, result)
+            except BearerRejected as rejection:
+                await rejection.respond(scope, send)
+                return
         scope["headers"] = guard.identity_headers.strip_request(
             scope.get("headers", []), guard.settings.session.cookie_name
         )
+        scope, send = wrap_login_page(guard, scope, send)
         await self._dispatch(result, scope, receive, send)
 
     async def _dispatch(self, result: AccessResult, scope: Scope, receive: Receive,

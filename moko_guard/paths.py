@@ -62,8 +62,13 @@ def normalise_path(target: str) -> str:
     if _FORBIDDEN_RE.search(decoded):
         raise AmbiguousPath("backslash, \"?\", \"#\", space or control character in path")
 
+    raw_segments = decoded.split("/")[1:]
+    if "" in raw_segments[:-1] and any(seg.split(";", 1)[0] == ".." for seg in raw_segments):
+        # "/admin//../x": RFC 3986 removes the empty segment (giving "/admin/x"), servers
+        # that merge slashes first remove "admin" (giving "/x"). Refuse rather than pick one.
+        raise AmbiguousPath("empty segment before a dot segment")
     segments: list[str] = []
-    for segment in decoded.split("/")[1:]:
+    for segment in raw_segments:
         bare = segment.split(";", 1)[0]
         if bare in (".", "..") and bare != segment:
             raise AmbiguousPath("parameter on a dot segment")

@@ -27,11 +27,20 @@ class Resolution:
     linked: bool = False
 
 
-_PLAIN_EMAIL_RE = re.compile(r"[^@\s\x00-\x1f\x7f]+@[A-Za-z0-9.-]+")
+# One "@", a local part without spaces or control characters, and a domain of
+# dot-separated ASCII labels: no empty label, so no leading, trailing or double dot.
+_PLAIN_EMAIL_RE = re.compile(
+    r"[^@\s\x00-\x1f\x7f]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
 
 
 def _check_email_shape(identity: Identity) -> None:
-    """Reject an address with a second "@", spaces or control characters (never guessed at)."""
+    """Reject an address with a second "@", spaces, control characters or an odd domain.
+
+    Such an address is never guessed at: "alice@example.com." is not read as
+    "alice@example.com", and neither is "alice@example.com@evil.example".
+    """
     if identity.email and not _PLAIN_EMAIL_RE.fullmatch(identity.email):
         raise LoginError("malformed_email", "the provider's email is not a plain address")
 

@@ -11,7 +11,8 @@ A target is accepted only when it is one of:
   an allowed host exactly, or by suffix for entries with a leading dot, and
   the port of that entry (or the scheme's default port).
 
-Everything else falls back to ``/``. The caller logs the rejected value.
+Everything else falls back to ``/``. The caller logs the rejected value with
+the reason the check gives.
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ class RedirectPolicy:
 
 @dataclass(frozen=True)
 class RedirectCheck:
-    """The outcome of a check: the target to use and whether the input was rejected."""
+    """The outcome of a check: the target to use, whether the input was rejected, and why."""
 
     target: str
     rejected: bool
+    # Why the input was rejected, for the operator log: "too_long", "bad_encoding",
+    # "forbidden_character", "non_ascii", "not_local_path", "scheme", "empty_host",
+    # "userinfo", "host" or "port". None when the input was accepted or missing.
+    reason: str | None = None
 
 
 def _decodings(value: str) -> list[str]:
@@ -77,60 +82,84 @@ def _is_local_path(forms: Sequence[str]) -> bool:
     return True
 
 
-def _host_allowed(host: str, port: int | None, scheme: str, policy: RedirectPolicy) -> bool:
+def _host_problem(host: str, port: int | None, scheme: str, policy: RedirectPolicy) -> str | None:
+    """Return None when host and port are allowed, "port" when only the port differs, else "host"."""
     default_port = 443 if scheme == "https" else 80
     effective_port = port if port is not None else default_port
     public_port = policy.public_port if policy.public_port is not None else default_port
-    if host == policy.public_host and effective_port == public_port:
-        return True
+    host_listed = False
+    if host == policy.public_host:
+        if effective_port == public_port:
+            return None
+        host_listed = True
     for entry in policy.allowed_hosts:
         entry_host, _, entry_port = entry.partition(":")
-        wanted_port = int(entry_port) if entry_port else default_port
-        if effective_port != wanted_port:
-            continue
         if entry_host.startswith("."):
-            if host == entry_host[1:] or host.endswith(entry_host):
-                return True
-        elif host == entry_host:
-            return True
-    return False
+            matches = host == entry_host[1:] or host.endswith(entry_host)
+        else:
+            matches = host == entry_host
+        if not matches:
+            continue
+        wanted_port = int(entry_port) if entry_port else default_port
+        if effective_port == wanted_port:
+            return None
+        host_listed = True
+    return "port" if host_listed else "host"
 
 
-def _is_allowed_url(value: str, policy: RedirectPolicy) -> bool:
+def _url_problem(value: str, policy: RedirectPolicy) -> str | None:
+    """Return None for an allowed absolute URL, else the reason it is not one."""
     schemes = ("https", "http") if policy.allow_http else ("https",)
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
-    if not match or match.group(1).lower() not in schemes:
-        return False
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", value)
+    if not match:
+        return "not_local_path"
+    if match.group(1).lower() not in schemes:
+        return "scheme"
+    # "https:evil.example" and "https:/evil.example" have a scheme but no authority;
+    # browsers still resolve them to a host, so they are never relative paths.
+    if not value[match.end():].startswith("//"):
+        return "empty_host"
     try:
         parts = urlsplit(value)
+    except ValueError:
+        return "host"
+    try:
         port = parts.port
     except ValueError:
-        return False
+        return "port"
     netloc = parts.netloc
-    if "@" in netloc or not netloc or parts.hostname is None:
-        return False
+    if not netloc or parts.hostname is None:
+        return "empty_host"
+    if "@" in netloc:
+        return "userinfo"
     host = parts.hostname
-    if not _HOST_RE.match(host) or host != netloc.split(":", 1)[0].lower():
-        return False
-    if "%" in netloc:
-        return False
-    return _host_allowed(host, port, parts.scheme.lower(), policy)
+    if "%" in netloc or not _HOST_RE.match(host) or host != netloc.split(":", 1)[0].lower():
+        return "host"
+    return _host_problem(host, port, parts.scheme.lower(), policy)
+
+
+def _rejected(reason: str) -> RedirectCheck:
+    return RedirectCheck(FALLBACK, rejected=True, reason=reason)
 
 
 def check_redirect(value: str | None, policy: RedirectPolicy) -> RedirectCheck:
-    """Return ``value`` when it is a safe redirect target, else the fallback ``/``."""
+    """Return ``value`` when it is a safe redirect target, else the fallback ``/`` and a reason."""
     if value is None or value == "":
         return RedirectCheck(FALLBACK, rejected=False)
     if len(value) > MAX_TARGET_LENGTH:
-        return RedirectCheck(FALLBACK, rejected=True)
+        return _rejected("too_long")
     try:
         forms = _decodings(value)
     except UnicodeDecodeError:
-        return RedirectCheck(FALLBACK, rejected=True)
-    if _has_forbidden_characters(forms) or not value.isascii():
-        return RedirectCheck(FALLBACK, rejected=True)
+        return _rejected("bad_encoding")
+    if _has_forbidden_characters(forms):
+        return _rejected("forbidden_character")
+    if not value.isascii():
+        return _rejected("non_ascii")
     if value.startswith("/"):
-        accepted = _is_local_path(forms)
+        problem = None if _is_local_path(forms) else "not_local_path"
     else:
-        accepted = _is_allowed_url(value, policy)
-    return RedirectCheck(value if accepted else FALLBACK, rejected=not accepted)
+        problem = _url_problem(value, policy)
+    if problem is not None:
+        return _rejected(problem)
+    return RedirectCheck(value, rejected=False)

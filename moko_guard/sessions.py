@@ -19,13 +19,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from .errors import LoginError
 from .identity import Principal
-from .sealing import Sealer, SealError
+from .sealing import MAX_SEALED_LENGTH, Sealer, SealError
 from .store import Store, UserRecord
 
 logger = logging.getLogger(__name__)
 
 SESSION_PURPOSE = "session"
+# Browsers keep a cookie only when its name, value and attributes fit in 4096 bytes
+# (the minimum RFC 6265 section 6.1 asks for), and Sealer.open rejects longer values,
+# so a session cookie value leaves 512 bytes for the name and the attributes.
+MAX_SESSION_COOKIE_VALUE = MAX_SEALED_LENGTH - 512
 # Seconds each revocation poll looks back before the previous one, to absorb clock skew
 # between processes that share the store.
 POLL_LOOKBACK = 60.0
@@ -108,10 +113,15 @@ class SessionManager:
         user_agent: str | None,
         provider_session: str | None = None,
     ) -> tuple[str, Principal]:
-        """Create a session in the store and return its cookie value and principal."""
+        """Create a session in the store and return its cookie value and principal.
+
+        Raises ``LoginError("session_too_large")`` before writing anything when the
+        sealed cookie would be too long for a browser to keep.
+        """
         now = self.clock()
+        session_id = secrets.token_urlsafe(24)
         principal = Principal(
-            session_id=secrets.token_urlsafe(24),
+            session_id=session_id,
             user_id=user.id,
             username=user.username,
             email=user.email,
@@ -121,18 +131,25 @@ class SessionManager:
             issued_at=now,
             expires_at=now + self.lifetime,
         )
+        payload = {
+            "sid": principal.session_id, "uid": user.id, "usr": user.username,
+            "eml": user.email, "rol": list(user.roles), "prv": provider,
+            "pun": preferred_username, "iat": int(now), "exp": int(principal.expires_at),
+        }
+        sealed = self.sealer.seal(payload, SESSION_PURPOSE)
+        if len(sealed) > MAX_SESSION_COOKIE_VALUE:
+            # A browser would drop the cookie and send the person back to sign in, in a loop.
+            logger.error("session_too_large bytes=%d limit=%d user_id=%d roles=%d", len(sealed),
+                         MAX_SESSION_COOKIE_VALUE, user.id, len(user.roles))
+            raise LoginError("session_too_large",
+                             f"session cookie of {len(sealed)} bytes for {len(user.roles)} roles")
         await self.store.create_session(
             session_id=principal.session_id, user_id=user.id, provider=provider,
             created_at=_timestamp(now), expires_at=_timestamp(principal.expires_at),
             client_ip=client_ip, user_agent=(user_agent or "")[:512] or None,
             provider_sid=provider_session,
         )
-        payload = {
-            "sid": principal.session_id, "uid": user.id, "usr": user.username,
-            "eml": user.email, "rol": list(user.roles), "prv": provider,
-            "pun": preferred_username, "iat": int(now), "exp": int(principal.expires_at),
-        }
-        return self.sealer.seal(payload, SESSION_PURPOSE), principal
+        return sealed, principal
 
     def _open_fields(self, cookie_value: str) -> _PrincipalFields:
         """Return the Principal fields sealed in a cookie, from the cache when this sealer opened it.

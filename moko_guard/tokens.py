@@ -80,6 +80,8 @@ class JwksCache:
             else:
                 anonymous.append(key)
         self._keys, self._anonymous = named, anonymous
+        logger.info("jwks_refreshed url=%s kids=%r unnamed=%d", self.url, sorted(named),
+                    len(anonymous))
 
     async def _refresh(self) -> None:
         async with self._lock:

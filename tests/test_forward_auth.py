@@ -238,16 +238,26 @@ async def test_auth_role_rule_holds_for_path_variants(
     assert response.status_code == 403
 
 
-async def test_auth_ignores_original_uri_from_untrusted_peer(forward_auth: ForwardAuth) -> None:
+async def test_auth_refuses_untrusted_peer(forward_auth: ForwardAuth) -> None:
+    """oauth2-proxy GHSA-7x63-xv5r-3p2x: only a trusted proxy may name the checked request."""
     cookie, _ = await forward_auth.create_session()
 
-    response = await forward_auth.auth(
-        cookie=cookie, original_uri="/admin/x", peer=UNTRUSTED_PEER
-    )
+    with_header = await forward_auth.auth(
+        cookie=cookie, original_uri="/deals", peer=UNTRUSTED_PEER)
+    without_header = await forward_auth.auth(cookie=cookie, peer=UNTRUSTED_PEER)
 
-    # The rule for /admin does not apply because the decision is made on "/".
-    assert response.status_code == 202
-    assert response.headers["x-auth-request-user"] == "alice@example.com"
+    assert with_header.status_code == 401
+    assert without_header.status_code == 401
+    assert "x-auth-request-user" not in with_header.headers
+
+
+async def test_auth_refuses_missing_original_uri(forward_auth: ForwardAuth) -> None:
+    """authelia GHSA-68wm-pfjf-wqp6: a check without a target must not answer 2xx."""
+    cookie, _ = await forward_auth.create_session()
+
+    response = await forward_auth.auth(cookie=cookie)
+
+    assert response.status_code == 401
 
 
 async def test_untrusted_peer_cannot_claim_public_path(forward_auth: ForwardAuth) -> None:
@@ -319,8 +329,9 @@ async def test_auth_never_redirects(
 async def test_auth_answers_every_method(forward_auth: ForwardAuth, method: str) -> None:
     cookie, _ = await forward_auth.create_session()
 
-    signed_in = await forward_auth.request(cookie=cookie, method=method)
-    anonymous = await forward_auth.request(method=method)
+    target = {"X-Original-URI": "/deals"}
+    signed_in = await forward_auth.request(cookie=cookie, method=method, headers=target)
+    anonymous = await forward_auth.request(method=method, headers=target)
 
     assert signed_in.status_code == 202
     assert anonymous.status_code == 401
@@ -337,6 +348,7 @@ async def test_auth_decides_before_reading_body(forward_auth: ForwardAuth) -> No
             (b"host", b"127.0.0.1:4180"), (b"content-length", b"9000000"),
             (b"content-type", b"application/octet-stream"),
             (b"cookie", f"moko_session={cookie}".encode("ascii")),
+            (b"x-original-uri", b"/documents/upload"),
         ],
     }
     sent: list[dict[str, Any]] = []

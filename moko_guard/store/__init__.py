@@ -204,13 +204,31 @@ class Store:
 
     async def upgrade(self) -> int:
         """Apply pending migrations; return the schema version now in force."""
-        if self.schema and not self.is_sqlite:
-            async with self._write() as conn:
-                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        if not self.is_sqlite:
+            return await self._migrate()
+        # SQLite has no advisory lock: when another process migrates the same file at the
+        # same moment, one of the two fails on "already exists" or "locked" and tries again,
+        # then finds the migrations applied.
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                return await self._migrate()
+            except OperationalError as exc:
+                message = str(exc).lower()
+                if "already exists" not in message and "locked" not in message:
+                    raise
+                logger.warning("store_migration_retry attempt=%d", attempt + 1)
+                await asyncio.sleep(0.1 * (attempt + 1))
+        return await self._migrate()
+
+    async def _migrate(self) -> int:
         async with self._write() as conn:
             if not self.is_sqlite:
-                # One migrator at a time when several replicas start together.
+                # One migrator at a time when several replicas start together. The lock is taken
+                # before CREATE SCHEMA because IF NOT EXISTS does not prevent a unique violation
+                # when two sessions create the same schema at once.
                 await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7201350412)")
+                if self.schema:
+                    await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             await conn.run_sync(
                 lambda sync: schema.schema_version.create(sync, checkfirst=True)
             )

@@ -40,6 +40,8 @@ REASON_MESSAGES = {
     "invalid_request": "The sign-in request was incomplete or malformed. Please start again.",
     "store_unavailable": "The service is busy. Please try again in a moment.",
     "session_expired": "Your session has ended. Please sign in again.",
+    "session_too_large": "This account holds too many roles to sign in. Contact your "
+    "administrator.",
     "rate_limited": "Too many sign-in attempts from your network. Please wait a minute and try again.",
     "hosted_domain_mismatch": "Only accounts of this organization's Google Workspace domain may "
     "sign in here.",
