@@ -32,7 +32,7 @@ from .errors import LoginError, StoreError
 from .flow import FlowManager, FlowState, cookie_name as flow_cookie_name
 from .forwarding import RequestInfo, request_info
 from .headers import IdentityHeaders, header_value
-from .identity import Principal
+from .identity import Identity, Principal
 from .logs import request_id_var
 from .logout import ReplayCache
 from .metrics import GuardMetrics
@@ -343,6 +343,7 @@ class Guard:
         routes = [
             Route(f"{p}/sign_in", self.sign_in, methods=["GET", "HEAD"]),
             Route(f"{p}/start", self.start, methods=["GET", "HEAD"]),
+            Route(f"{p}/link", self.link, methods=["GET"]),
             Route(self.callback_path, self.callback, methods=["GET"]),
             Route(f"{p}/sign_out", self.sign_out, methods=["GET", "POST"]),
             Route(f"{p}/userinfo", self.userinfo, methods=["GET"]),
@@ -471,6 +472,8 @@ class Guard:
             code=code, redirect_uri=self.settings.server.redirect_uri,
             code_verifier=flow.code_verifier, nonce=flow.nonce,
         )
+        if flow.link_user_id is not None:
+            return await self._finish_link(request, flow, identity)
         try:
             resolution = await self.policy.resolve(identity)
         except LoginError as exc:
@@ -503,6 +506,47 @@ class Guard:
         response = RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
         self._set_session_cookie(response, cookie_value)
         return response
+
+    async def link(self, request: Request) -> Response:
+        """Start a sign-in at another provider whose identity joins the signed-in user."""
+        await self.ensure_started()
+        principal = self.check_session(request.scope).principal
+        if principal is None:
+            back = f"{self.prefix}/link?{request.url.query}" if request.url.query else None
+            return RedirectResponse(self.sign_in_url(back), status_code=302)
+        limited = await self._rate_limited(request, "link")
+        if limited is not None:
+            return limited
+        provider_id = request.query_params.get("provider", "")
+        rd = self._checked_rd(request, request.query_params.get("rd"))
+        provider = self.providers.get(provider_id)
+        if provider is None:
+            return await self._login_failed(
+                request, LoginError("unknown_provider", f"provider {provider_id[:40]!r}", status=400),
+                provider=provider_id[:40] or None, rd=rd,
+            )
+        return await self._redirect_to_provider(request, provider, rd,
+                                                link_user_id=principal.user_id)
+
+    async def _finish_link(self, request: Request, flow: FlowState, identity: Identity) -> Response:
+        """Link the identity a callback brought to the user who started the link."""
+        principal = self.check_session(request.scope).principal
+        if principal is None or principal.user_id != flow.link_user_id:
+            raise _with_identity(LoginError(
+                "link_session_mismatch", "the session that started the link is gone", status=403,
+            ), identity.subject, identity.email)
+        try:
+            await self.store.link_identity(principal.user_id, identity.provider,
+                                           identity.subject, identity.email)
+        except IdentityTaken as exc:
+            raise _with_identity(LoginError(
+                "identity_taken", f"identity is linked to user {exc.user_id}", status=409,
+            ), identity.subject, identity.email) from None
+        await self.audit(request, AuditEvent(
+            "identity.linked", "info", reason="explicit_link", provider=identity.provider,
+            subject=identity.subject, user_id=principal.user_id, email=identity.email))
+        target = self._checked_rd(request, flow.redirect_to)
+        return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
 
     async def _login_failed(self, request: Request, error: LoginError, *,
                             provider: str | None, rd: str = "/") -> Response:

@@ -36,6 +36,7 @@ REASON_MESSAGES = {
     "provisioning_disabled": "There is no account for this identity here. Ask your administrator to create one.",
     "email_in_use": "Another account already uses this email address. Ask your administrator to link them.",
     "identity_taken": "This provider account is already linked to another user.",
+    "link_session_mismatch": "Your session ended before the account could be linked. Sign in and try again.",
     "unknown_provider": "This sign-in provider is not configured.",
     "invalid_request": "The sign-in request was incomplete or malformed. Please start again.",
     "store_unavailable": "The service is busy. Please try again in a moment.",
