@@ -452,6 +452,10 @@ class ProviderSettings(_Section):
     connect_timeout: float = 5.0
     timeout: float = 10.0
     insecure_allow_http_issuer: bool = False
+    # Sign-out also ends the session at the provider (OpenID Connect RP-Initiated Logout),
+    # when its metadata has an end_session_endpoint. Register <public_url>/oauth2/sign_in
+    # (or the rd targets used) as a post-logout redirect URI there.
+    sign_out_at_provider: bool = False
     # Endpoint overrides (sovereign clouds, GitHub Enterprise Server, plain OAuth 2.0).
     authorize_url: str | None = None
     token_url: str | None = None

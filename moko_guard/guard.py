@@ -583,8 +583,11 @@ class Guard:
             await self.audit(request, AuditEvent("session.revoked", "info", reason="sign_out",
                                                  **event))
         raw_rd = request.query_params.get("rd")
-        if raw_rd:
-            response: Response = RedirectResponse(self._checked_rd(request, raw_rd), status_code=302)
+        provider_logout = await self._provider_logout_url(principal, raw_rd, request)
+        if provider_logout:
+            response: Response = RedirectResponse(provider_logout, status_code=302)
+        elif raw_rd:
+            response = RedirectResponse(self._checked_rd(request, raw_rd), status_code=302)
         else:
             language = self.language(request)
             strings = self.catalogues.strings(language)
@@ -595,6 +598,27 @@ class Guard:
             )
         self._clear_session_cookie(response)
         return response
+
+    async def _provider_logout_url(self, principal: Principal | None, raw_rd: str | None,
+                                   request: Request) -> str | None:
+        """The provider's end-session URL (RP-Initiated Logout 1.0), when the provider is set to it."""
+        if principal is None:
+            return None
+        settings = self.settings.provider(principal.provider)
+        provider = self.providers.get(principal.provider)
+        end_session = getattr(provider, "end_session_url", None)
+        if settings is None or not settings.sign_out_at_provider or end_session is None:
+            return None
+        target = self._checked_rd(request, raw_rd) if raw_rd else self.sign_in_url(None)
+        if target.startswith("/"):
+            target = self.settings.server.public_url + target
+        try:
+            url: str | None = await end_session(target)
+        except LoginError as exc:
+            logger.warning("provider_logout_unavailable provider=%s reason=%s",
+                           principal.provider, exc.reason)
+            return None
+        return url
 
     async def backchannel_logout(self, request: Request) -> Response:
         """OpenID Connect Back-Channel Logout 1.0: revoke the sessions a logout token names."""

@@ -214,3 +214,14 @@ class OidcProvider:
             token, issuer=self.issuer, client_id=self.settings.client_id,
             algorithms=list(self.settings.id_token_algorithms), jwks=self._jwks, replays=replays,
         )
+
+    async def end_session_url(self, post_logout_redirect_uri: str) -> str | None:
+        """The provider's end_session_endpoint with this client's parameters, if it has one."""
+        metadata = await self.metadata()
+        endpoint = metadata.get("end_session_endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            return None
+        params = {"client_id": self.settings.client_id,
+                  "post_logout_redirect_uri": post_logout_redirect_uri}
+        separator = "&" if "?" in endpoint else "?"
+        return f"{endpoint}{separator}{urlencode(params, quote_via=quote)}"
