@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, Router
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from .admin import AdminPages
 from .audit import AuditEvent, Auditor, escape_control
@@ -103,6 +103,9 @@ class Guard:
         self.identity_headers = IdentityHeaders(settings.headers)
         server = settings.server
         self.prefix = server.prefix
+        # Served by the middleware before routing; every method is accepted, because
+        # nginx may pass the original one (proxy_method $request_method).
+        self.auth_path = f"{server.prefix}/auth"
         self.callback_path = server.effective_callback_path
         self.secure_cookies = server.enforce_https
         public = urlsplit(server.public_url)
@@ -161,6 +164,10 @@ class Guard:
         if self._owns_http:
             await self.http.aclose()
         self._started = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     async def ensure_started(self) -> None:
         if not self._started:
@@ -347,8 +354,6 @@ class Guard:
             Route(self.callback_path, self.callback, methods=["GET"]),
             Route(f"{p}/sign_out", self.sign_out, methods=["GET", "POST"]),
             Route(f"{p}/userinfo", self.userinfo, methods=["GET"]),
-            Route(f"{p}/auth", self.auth, methods=["GET", "HEAD", "POST", "PUT", "PATCH",
-                                                   "DELETE", "OPTIONS"]),
         ]
         routes += [
             Route(f"{p}/backchannel_logout/{{provider}}", self.backchannel_logout,
@@ -444,7 +449,18 @@ class Guard:
             provider_id = flow.provider
             response = await self._finish(request, flow)
         except LoginError as exc:
-            response = await self._login_failed(request, exc, provider=provider_id)
+            if sealed is None and exc.reason == "state_mismatch" and \
+                    self.check_session(request.scope).principal is not None:
+                # A signed-in person reloaded a used callback (its flow cookie is gone):
+                # take them into the app rather than show a failed sign-in.
+                # The attempt is still audited: a forged callback looks the same.
+                await self.audit(request, AuditEvent(
+                    "login.failure", "failure", reason=exc.reason, detail=exc.detail))
+                self.metrics.sign_ins.labels("", "failure", exc.reason).inc()
+                response = RedirectResponse("/", status_code=302,
+                                            headers={"Cache-Control": "no-store"})
+            else:
+                response = await self._login_failed(request, exc, provider=provider_id)
         except (StoreError, SQLAlchemyError, OSError) as exc:
             logger.error("store_error during callback: %s", type(exc).__name__)
             response = await self._login_failed(
@@ -660,44 +676,53 @@ class Guard:
                                 status_code=401, headers={"Cache-Control": "no-store"})
         return JSONResponse(principal.to_json(), headers={"Cache-Control": "no-store"})
 
-    async def auth(self, request: Request) -> Response:
-        """nginx ``auth_request``: 202 with identity headers, 401 or 403; never 2xx on error."""
-        try:
-            return await self._auth_decision(request)
-        except Exception:  # noqa: BLE001 - an auth answer must never be an accidental 2xx
-            logger.exception("auth_check_failed request_id=%s", self.request_id(request.scope))
-            return Response(status_code=401, headers={"Cache-Control": "no-store"})
+    async def auth(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """nginx ``auth_request``: 202 with identity headers, 401 or 403; never 2xx on error.
 
-    async def _auth_decision(self, request: Request) -> Response:
-        info = self.info(request.scope)
-        headers = {"Cache-Control": "no-store"}
-        sent = request.headers.get("x-original-uri") or request.headers.get("x-forwarded-uri")
+        A raw ASGI app, since this is the hot path: the answer is built from the
+        request headers alone, with no body read and no database query.
+        """
+        try:
+            status, headers = await self._auth_decision(scope)
+        except Exception:  # noqa: BLE001 - an auth answer must never be an accidental 2xx
+            logger.exception("auth_check_failed request_id=%s", self.request_id(scope))
+            status, headers = 401, list(_NO_STORE)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _auth_decision(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]]]:
+        info = self.info(scope)
+        raw_headers = scope.get("headers", [])
+        sent = header_value(raw_headers, b"x-original-uri") or header_value(
+            raw_headers, b"x-forwarded-uri")
         if not info.trusted_peer:
             # Only a trusted proxy may say which request is being checked.
             logger.warning("untrusted_forwarded_header name=X-Original-URI peer=%s present=%s",
                            info.peer, sent is not None)
-            return Response(status_code=401, headers=headers)
+            return 401, list(_NO_STORE)
         if not sent:
             # Without the original URI no rule can be checked: refuse instead of guessing "/".
             logger.error("auth_bad_target header=X-Original-URI reason=missing peer=%s", info.peer)
-            return Response(status_code=401, headers=headers)
-        result = self.access(request.scope, sent)
+            return 401, list(_NO_STORE)
+        result = self.access(scope, sent)
         if result.decision == "allow" and result.principal is not None:
-            headers.update(self.identity_headers.build(result.principal))
-            return Response(status_code=202, headers=headers)
+            return 202, [*_NO_STORE, *self.identity_headers.build_raw(result.principal)]
         if result.decision == "anonymous":
-            return Response(status_code=202, headers=headers)
+            return 202, list(_NO_STORE)
         if result.decision == "forbidden":
             principal = result.principal
             reason = result.reason or "forbidden"
-            await self.audit(request, AuditEvent(
+            await self.audit_scope(scope, AuditEvent(
                 "access.denied", "failure", reason=reason.split(":", 1)[0],
                 provider=principal.provider if principal else None,
                 user_id=principal.user_id if principal else None,
                 detail=f"path={result.path} {reason}",
             ))
-            return Response(status_code=403, headers=headers)
-        return Response(status_code=401, headers=headers)
+            return 403, list(_NO_STORE)
+        return 401, list(_NO_STORE)
+
+
+_NO_STORE = ((b"cache-control", b"no-store"), (b"content-length", b"0"))
 
 
 def _challenge(flow: FlowState) -> str:

@@ -49,9 +49,6 @@ class IdentityHeaders:
     def is_identity_header(self, name: str | bytes) -> bool:
         return canonical(name) in self.blocked
 
-    def strip(self, headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
-        return [(k, v) for k, v in headers if canonical(k) not in self.blocked]
-
     def strip_request(self, headers: Iterable[tuple[bytes, bytes]], session_cookie: str,
                       ) -> RawHeaders:
         """Remove identity headers and the guard's own cookies from a client's request."""

@@ -50,8 +50,12 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
 
-        await self.guard.ensure_started()
         guard = self.guard
+        if not guard.started:
+            await guard.ensure_started()
+        if scope["type"] == "http" and scope["path"] == guard.auth_path:
+            await guard.auth(scope, receive, send)
+            return
         info = guard.info(scope)
         send = self._with_security_headers(scope, send, info.scheme)
 
@@ -164,7 +168,7 @@ class GuardMiddleware:
         server = self.guard.settings.server
         if not server.enforce_https or scheme == "https" or scope["type"] != "http":
             return None
-        if scope.get("path") == f"{self.guard.prefix}/auth":
+        if scope.get("path") == self.guard.auth_path:
             # nginx's auth_request sub-request: answered 202/401/403, never redirected.
             return None
         method = scope.get("method", "GET")

@@ -27,9 +27,9 @@ from .store import Store, UserRecord
 logger = logging.getLogger(__name__)
 
 SESSION_PURPOSE = "session"
-# Browsers keep a cookie only when its name, value and attributes fit in 4096 bytes
-# (the minimum RFC 6265 section 6.1 asks for), and Sealer.open rejects longer values,
-# so a session cookie value leaves 512 bytes for the name and the attributes.
+# RFC 6265 section 6.1 requires browsers to keep cookies of at least 4096 bytes of name,
+# value and attributes, and Sealer.open rejects longer values. So a session cookie value
+# leaves 512 bytes for the name and the attributes.
 MAX_SESSION_COOKIE_VALUE = MAX_SEALED_LENGTH - 512
 # Seconds each revocation poll looks back before the previous one, to absorb clock skew
 # between processes that share the store.
@@ -154,7 +154,8 @@ class SessionManager:
     def _open_fields(self, cookie_value: str) -> _PrincipalFields:
         """Return the Principal fields sealed in a cookie, from the cache when this sealer opened it.
 
-        Raises SealError, KeyError, TypeError or ValueError for a cookie that does not open.
+        Raises SealError, KeyError, TypeError, ValueError or OverflowError for a cookie that
+        does not open or contains a field of the wrong type.
         Only cookies that opened are cached, so a bad cookie costs a full open every time.
         """
         if self._opened_by is not self.sealer:
@@ -183,7 +184,7 @@ class SessionManager:
         try:
             (session_id, user_id, username, email, roles, provider, preferred_username, issued_at,
              expires_at) = self._open_fields(cookie_value)
-        except (SealError, KeyError, TypeError, ValueError):
+        except (SealError, KeyError, TypeError, ValueError, OverflowError):
             return SessionCheck(None, "tampered")
         # A new Principal per call, so no request shares a mutable object with another.
         principal = Principal(

@@ -139,7 +139,9 @@ async def _verify_signature(
     token: str, header: dict[str, Any], alg: str, jwks: JwksCache
 ) -> dict[str, Any]:
     kid = header.get("kid")
-    if kid is not None and not isinstance(kid, str):
+    # Both callers take the header from jwt.get_unverified_header, which already raises
+    # on a non-string kid (checked with PyJWT 2.15). This guard is for a direct caller.
+    if kid is not None and not isinstance(kid, str):  # pragma: no cover
         raise LoginError("token_invalid", "ID token kid is not a string")
     candidates = [key for key in await jwks.find(kid) if _key_matches(key, alg)]
     if not candidates:

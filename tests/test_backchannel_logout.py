@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from conftest import GuardHarness
-from moko_guard.logout import LOGOUT_EVENT
+from moko_guard import logout as logout_module
+from moko_guard.logout import LOGOUT_EVENT, ReplayCache
 from moko_guard.store import AuditFilter
 from support.fake_idp import CLIENT_ID, ISSUER
 
@@ -109,3 +110,50 @@ async def test_unknown_provider_rejected(harness: GuardHarness) -> None:
                                          data={"logout_token": "x.y.z"})
 
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize("typ", ["JWT", "application/logout+jwt", "Logout+JWT"])
+async def test_logout_token_typ_variants_accepted(harness: GuardHarness, typ: str) -> None:
+    await _signed_in(harness)
+
+    status = await _post_logout(harness, harness.idp.sign(logout_claims(), typ=typ))
+
+    assert status == 200
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "secevent+jwt", "JWS"])
+async def test_logout_token_other_typ_rejected(harness: GuardHarness, typ: str) -> None:
+    await _signed_in(harness)
+
+    status = await _post_logout(harness, harness.idp.sign(logout_claims(), typ=typ))
+    after = await harness.client.get("/deals", headers={"Accept": "application/json"})
+
+    assert status == 400
+    assert after.status_code == 200
+
+
+# --- replay cache ------------------------------------------------------------------
+
+
+def test_replay_cache_forgets_jti_after_expiry() -> None:
+    replays = ReplayCache()
+    assert replays.check_and_add("jti-1", expires_at=1000.0, now=900.0) is True
+
+    inside = replays.check_and_add("jti-1", expires_at=1000.0, now=1000.0)
+    after = replays.check_and_add("jti-1", expires_at=2000.0, now=1000.5)
+
+    assert inside is False
+    assert after is True
+
+
+def test_replay_cache_drops_oldest_jti_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logout_module, "_SEEN_JTI_LIMIT", 2)
+    replays = ReplayCache()
+    for jti in ("jti-1", "jti-2", "jti-3"):
+        assert replays.check_and_add(jti, expires_at=1000.0, now=900.0) is True
+
+    newest_again = replays.check_and_add("jti-3", expires_at=1000.0, now=900.0)
+    oldest_again = replays.check_and_add("jti-1", expires_at=1000.0, now=900.0)
+
+    assert newest_again is False
+    assert oldest_again is True

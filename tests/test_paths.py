@@ -106,6 +106,42 @@ def test_path_parameter_keeps_public_path_narrow() -> None:
     assert not all(is_public(v, ["/public/"]) for v in variants)
 
 
+
+@pytest.mark.parametrize(
+    "target",
+    ["/admin//../x", "/public//..%2fadmin", "//public/../admin", "/a//b/..;x/c"],
+)
+def test_empty_segment_before_dot_segment_rejected(target: str) -> None:
+    """Servers that merge "//" before resolving ".." read these as another path than RFC 3986."""
+    with pytest.raises(AmbiguousPath, match="empty segment before a dot segment"):
+        normalise_path(target)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("/admin/x//", "/admin/x/"), ("/admin/../x/", "/x/"), ("/admin//x/.", "/admin/x/")],
+)
+def test_empty_segment_without_dot_dot_still_resolves(target: str, expected: str) -> None:
+    path = normalise_path(target)
+
+    assert path == expected
+
+
+def test_path_without_parameters_has_one_variant() -> None:
+    variants = path_variants("/admin/users")
+
+    assert variants == ("/admin/users",)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/admin;x/users;y", "/admin/users"), ("/;x", "/"), ("/a;b=c/", "/a/")],
+)
+def test_path_parameters_give_stripped_variant(path: str, expected: str) -> None:
+    variants = path_variants(path)
+
+    assert variants == (path, expected)
+
 PREFIX_CASES = [
     ("/admin", "/admin", False, True),
     ("/admin/x", "/admin", False, True),

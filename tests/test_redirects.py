@@ -467,3 +467,30 @@ def test_allowed_host_accepted_only_on_https_port(host: str, port: int) -> None:
     result = check_redirect(value, POLICY)
 
     assert result.rejected is (port != 443)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param("https://[::1/deals", "host", id="unclosed-ipv6-bracket"),
+        pytest.param("https://crm.example.com]/", "host", id="stray-closing-bracket"),
+        pytest.param("https://crm.example.com:44x3/", "port", id="port-not-a-number"),
+        pytest.param("https://crm.example.com:8443/", "port", id="public-host-other-port"),
+        pytest.param("https://evil.example/", "host", id="unlisted-host"),
+        pytest.param("https:evil.example", "empty_host", id="no-authority"),
+        pytest.param("https:///deals", "empty_host", id="empty-authority"),
+        pytest.param("https://user@crm.example.com/", "userinfo", id="userinfo"),
+        pytest.param("javascript:alert(1)", "scheme", id="other-scheme"),
+        pytest.param("deals", "not_local_path", id="relative-path"),
+        pytest.param("//evil.example", "not_local_path", id="protocol-relative"),
+        pytest.param("/deals%ff", "bad_encoding", id="invalid-utf8-escape"),
+        pytest.param("/deals%0a", "forbidden_character", id="encoded-newline"),
+        pytest.param("/d\u00e9als", "non_ascii", id="raw-non-ascii"),
+    ],
+)
+def test_rejection_reason_names_failed_rule(value: str, reason: str) -> None:
+    result = check_redirect(value, POLICY)
+
+    assert result.target == "/"
+    assert result.rejected is True
+    assert result.reason == reason

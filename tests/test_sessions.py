@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from moko_guard import sessions as sessions_module
+from moko_guard.errors import LoginError, StoreError
 from moko_guard.flow import FLOW_PURPOSE
 from moko_guard.sealing import Sealer
-from moko_guard.sessions import SESSION_PURPOSE, RevocationList, SessionManager
+from moko_guard.sessions import (
+    MAX_SESSION_COOKIE_VALUE,
+    SESSION_PURPOSE,
+    RevocationList,
+    SessionManager,
+)
 from moko_guard.store import Store, UserRecord
 
 pytestmark = pytest.mark.anyio
@@ -366,3 +375,160 @@ async def test_background_poller_picks_up_revocation(
         await replica.close()
 
     assert sessions.check(cookie).reason == "revoked"
+
+
+async def test_poller_survives_failed_poll(
+    store: Store, database_url: str, user: UserRecord, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="moko_guard.sessions")
+    sessions = SessionManager([OLD_SECRET], store, lifetime=LIFETIME, poll_interval=0.02,
+                              clock=clock)
+    cookie, principal = await sessions.issue(user, "idp", None, client_ip=None, user_agent=None)
+    await sessions.start()
+    read_revocations = store.revoked_sessions_since
+    failures = 0
+
+    async def failing_then_working(since: datetime | None) -> list[tuple[str, datetime, datetime]]:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise StoreError("revoked_sessions_since", "database is locked")
+        return await read_revocations(since)
+
+    monkeypatch.setattr(store, "revoked_sessions_since", failing_then_working)
+    replica = Store(database_url)
+    await replica.open()
+
+    try:
+        await replica.revoke_session(principal.session_id)
+        with anyio.fail_after(5):
+            while sessions.check(cookie).principal is not None:
+                await anyio.sleep(0.02)
+    finally:
+        await sessions.stop()
+        await replica.close()
+
+    assert failures == 2
+    logged = [record.getMessage() for record in caplog.records
+              if record.name == "moko_guard.sessions"]
+    assert logged == ["revocation_poll_failed", "revocation_poll_failed"]
+    assert sessions.check(cookie).reason == "revoked"
+
+
+async def test_stop_without_start_does_nothing(sessions: SessionManager) -> None:
+    await sessions.stop()
+    await sessions.stop()
+
+    assert sessions._poller is None
+
+
+async def test_start_twice_keeps_one_poller(sessions: SessionManager) -> None:
+    await sessions.start()
+    first = sessions._poller
+
+    try:
+        await sessions.start()
+        second = sessions._poller
+    finally:
+        await sessions.stop()
+
+    assert first is not None
+    assert second is first
+    assert first.cancelled()
+
+
+# --- opened cookie cache -----------------------------------------------------------
+
+
+async def test_opened_cookie_cache_drops_oldest_entry_when_full(
+    sessions: SessionManager, user: UserRecord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions_module, "OPENED_COOKIE_CACHE_SIZE", 2)
+    cookies = [await issue(sessions, user) for _ in range(3)]
+
+    checks = [sessions.check(cookie) for cookie in cookies]
+
+    assert all(check.principal is not None for check in checks)
+    assert list(sessions._opened) == cookies[1:]
+    assert sessions.check(cookies[0]).principal is not None
+    assert list(sessions._opened) == [cookies[2], cookies[0]]
+
+
+async def test_revocation_applies_to_cached_cookie(
+    sessions: SessionManager, user: UserRecord
+) -> None:
+    cookie, principal = await sessions.issue(user, "idp", None, client_ip=None, user_agent=None)
+    assert sessions.check(cookie).principal is not None
+
+    await sessions.revoke(principal)
+
+    assert sessions.check(cookie).reason == "revoked"
+
+
+# --- cookie size -------------------------------------------------------------------
+
+
+async def test_oversized_session_rejected_before_store_write(
+    sessions: SessionManager, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="moko_guard.sessions")
+    roles = tuple(f"crm-role-{index:04d}" for index in range(300))
+    crowded = await create_user(store, "carol", roles=roles)
+
+    with pytest.raises(LoginError) as caught:
+        await sessions.issue(crowded, "idp", None, client_ip=None, user_agent=None)
+
+    assert caught.value.reason == "session_too_large"
+    assert await store.count_active_sessions() == 0
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("session_too_large ")
+    assert f"limit={MAX_SESSION_COOKIE_VALUE} " in messages[0]
+
+
+async def test_session_just_under_cookie_limit_issued(
+    sessions: SessionManager, store: Store
+) -> None:
+    roles = tuple(f"crm-role-{index:04d}" for index in range(100))
+    busy = await create_user(store, "dave", roles=roles)
+
+    cookie, _ = await sessions.issue(busy, "idp", None, client_ip=None, user_agent=None)
+
+    assert len(cookie) <= MAX_SESSION_COOKIE_VALUE
+    assert sessions.check(cookie).principal is not None
+
+
+# --- revocation from elsewhere -----------------------------------------------------
+
+
+async def test_mark_revoked_rejects_cookie_at_once(
+    sessions: SessionManager, user: UserRecord, clock: FakeClock
+) -> None:
+    cookie, principal = await sessions.issue(user, "idp", None, client_ip=None, user_agent=None)
+    kept_cookie, _ = await sessions.issue(user, "idp", None, client_ip=None, user_agent=None)
+
+    sessions.mark_revoked([principal.session_id])
+
+    assert sessions.check(cookie).reason == "revoked"
+    assert sessions.check(kept_cookie).principal is not None
+    clock.advance(LIFETIME - 1)
+    sessions.revoked.prune()
+    assert sessions.check(cookie).reason == "revoked"
+
+
+async def test_poll_runs_every_hook(sessions: SessionManager) -> None:
+    calls: list[str] = []
+
+    async def first_hook() -> None:
+        calls.append("first")
+
+    async def second_hook() -> None:
+        calls.append("second")
+
+    sessions.on_poll.extend([first_hook, second_hook])
+
+    await sessions.poll_revocations()
+    await sessions.poll_revocations()
+
+    assert calls == ["first", "second", "first", "second"]

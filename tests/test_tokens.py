@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt.algorithms import ECAlgorithm
 from support.fake_idp import CLIENT_ID, ISSUER, new_rsa_key, public_jwk
 
@@ -171,6 +171,19 @@ async def test_token_without_kid_uses_matching_key(
     claims = await validate_id_token(token, expectations(), jwks, now=NOW)
 
     assert claims["sub"] == "alice-sub"
+
+
+@pytest.mark.parametrize("kid", [1, ["key-1"], {"id": "key-1"}], ids=["number", "list", "object"])
+async def test_non_string_kid_rejected_before_jwks_lookup(
+    jwks: JwksCache, endpoint: JwksEndpoint, signing_key: rsa.RSAPrivateKey, kid: object
+) -> None:
+    signing_input = f"{b64url_json({'alg': 'RS256', 'kid': kid})}.{b64url_json(make_claims())}"
+    signature = signing_key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+    token = f"{signing_input}.{b64url(signature)}"
+
+    await assert_rejected(token, jwks)
+
+    assert endpoint.requests == 0
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"], ids=["lower", "title", "upper"])
@@ -374,6 +387,18 @@ async def test_wrong_nonce_rejected(
     token = sign(signing_key, make_claims(nonce=nonce))
 
     await assert_rejected(token, jwks)
+
+
+@pytest.mark.parametrize("nonce", [MISSING, "any-nonce"], ids=["missing", "present"])
+async def test_nonce_ignored_when_none_expected(
+    jwks: JwksCache, signing_key: rsa.RSAPrivateKey, nonce: object
+) -> None:
+    """Bearer tokens come from no sign-in of ours, so their validation expects no nonce."""
+    token = sign(signing_key, make_claims(nonce=nonce))
+
+    claims = await validate_id_token(token, expectations(nonce=None), jwks, now=NOW)
+
+    assert claims["sub"] == "alice-sub"
 
 
 @pytest.mark.parametrize(
