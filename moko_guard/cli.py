@@ -22,7 +22,7 @@ from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, Settings, load_settings
 from .errors import ConfigError, GuardError
 from .logs import configure_logging
 from .audit import AuditEvent, Auditor
-from .store import AuditFilter, IdentityTaken, Store, UserRecord
+from .store import AuditFilter, AuditRecord, IdentityTaken, Store, UserRecord
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(users_list)
     users_list.add_argument("--json", action="store_true", help="print JSON")
     for action in ("disable", "enable"):
-        sub = user_commands.add_parser(action, help=f"{action} a user (disabling ends its sessions)")
+        summary = ("disable a user and end its sessions" if action == "disable"
+                   else "enable a disabled user")
+        sub = user_commands.add_parser(action, help=summary)
         _config_option(sub)
         sub.add_argument("user", help="user id or username")
     show = user_commands.add_parser("show", help="show a user with its linked identities")
@@ -240,7 +242,7 @@ async def _users_set_disabled(settings: Settings, value: str, disabled: bool) ->
         ended = await _end_sessions(store, user, "user_disabled") if disabled and user else 0
     finally:
         await store.close()
-    print(f"user {user_id} {state}" + (f", {ended} sessions ended" if disabled else ""))
+    print(f"user {user_id} {state}" + (f", sessions ended: {ended}" if disabled else ""))
     return 0
 
 
@@ -310,7 +312,7 @@ async def _user_action(store: Store, user: UserRecord, args: argparse.Namespace)
         await auditor.record(AuditEvent("identity.unlinked", "info", provider=args.provider,
                                         subject=args.subject, user_id=user.id, detail="cli"))
         ended = await _end_sessions(store, user, "identity_unlinked")
-        print(f"unlinked {count} identities from user {user.id}, {ended} sessions ended")
+        print(f"unlinked {count} identities from user {user.id}, sessions ended: {ended}")
         return 0
     if command == "roles":
         roles = set(user.roles)
@@ -326,7 +328,7 @@ async def _user_action(store: Store, user: UserRecord, args: argparse.Namespace)
         print(f"user {user.id} roles: {','.join(sorted(roles))}")
         return 0
     ended = await _end_sessions(store, user, "cli")
-    print(f"{ended} sessions of user {user.id} ended")
+    print(f"sessions of user {user.id} ended: {ended}")
     return 0
 
 
@@ -357,7 +359,7 @@ async def _audit(settings: Settings, args: argparse.Namespace) -> int:
         await store.close()
     rows = [r.to_json() for r in records]
     if args.audit_command == "export" and args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["at"])
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(AuditRecord.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(rows)
     elif getattr(args, "json", False) or args.audit_command == "export":
@@ -382,9 +384,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or settings.server.port
     logger.info("serving on http://%s:%d", host, port)
     config_path = args.config or os.environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH
-    uvicorn.run(create_app(settings, config_path=config_path), host=host, port=port, proxy_headers=False,
-                server_header=False, access_log=False, log_config=None,
-                lifespan="on", workers=None)
+    options = dict(host=host, port=port, proxy_headers=False, server_header=False,
+                   access_log=False, log_config=None, lifespan="on")
+    if args.workers < 1:
+        print(f"--workers must be 1 or more, found {args.workers}", file=sys.stderr)
+        return 2
+    if args.workers == 1:
+        uvicorn.run(create_app(settings, config_path=config_path), **options)  # type: ignore[arg-type]
+        return 0
+    # Several worker processes each build their app from the same config and environment.
+    os.environ[ENV_PREFIX + "CONFIG"] = str(config_path)
+    if args.upstream:
+        os.environ[ENV_PREFIX + "SERVER_UPSTREAM"] = args.upstream
+    uvicorn.run("moko_guard.server:app_from_environment", factory=True, workers=args.workers,
+                **options)  # type: ignore[arg-type]
     return 0
 
 

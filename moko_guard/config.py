@@ -437,7 +437,7 @@ class HeaderSettings(_Section):
 class ProviderSettings(_Section):
     id: str
     type: Literal["oidc", "google", "microsoft", "facebook", "github", "oauth2"]
-    client_id: str
+    client_id: str = Field(min_length=1)
     client_secret: Secret | None = None
     name: str = ""
     issuer: str | None = None

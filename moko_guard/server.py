@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import os
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
+from .forwarding import is_trusted
 from .guard import Guard
 from .metrics import CONTENT_TYPE_LATEST
 from .middleware import GuardMiddleware
@@ -38,7 +41,10 @@ class GuardServer:
             await self._health(scope, send)
             return
         if scope["type"] == "http" and scope.get("path") == "/metrics":
-            await self._metrics(send)
+            if self._may_scrape(scope):
+                await self._metrics(send)
+            else:
+                await _not_found(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -58,6 +64,19 @@ class GuardServer:
                 await self.guard.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _may_scrape(self, scope: Scope) -> bool:
+        """Metrics go to loopback and the trusted proxies only, never to the open network."""
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if peer is None:
+            return False
+        try:
+            if ipaddress.ip_address(peer).is_loopback:
+                return True
+        except ValueError:
+            return False
+        return is_trusted(peer, self.guard.settings.server.trusted_proxies)
 
     async def _metrics(self, send: Send) -> None:
         body = self.guard.metrics.render()
@@ -93,3 +112,13 @@ def create_app(settings: Settings, *, guard: Guard | None = None,
 
         inner = ProxyApp(settings.server.upstream, guard)
     return GuardServer(guard, GuardMiddleware(inner, guard=guard))
+
+
+def app_from_environment() -> GuardServer:
+    """Build the app from ``MOKO_GUARD_CONFIG`` (each ``serve --workers`` process calls this)."""
+    from .config import load_settings
+    from .logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.logging.level, settings.logging.format)
+    return create_app(settings, config_path=os.environ.get("MOKO_GUARD_CONFIG"))

@@ -466,7 +466,7 @@ def test_users_disable_ends_sessions(capsys: pytest.CaptureFixture[str], seeded:
                      "alice@example.com")
 
     assert result.code == 0
-    assert result.out.strip() == f"user {seeded.alice_id} disabled, 2 sessions ended"
+    assert result.out.strip() == f"user {seeded.alice_id} disabled, sessions ended: 2"
     disabled, active = asyncio.run(read_state(seeded.store_url, seeded.alice_id,
                                               seeded.alice_sessions))
     assert disabled is True
@@ -601,3 +601,33 @@ def _run_cli(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         code = main(argv)
     return code, out.getvalue()
+
+
+def test_store_that_cannot_open_gives_plain_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text(
+        '[server]\npublic_url = "https://crm.example.com"\n'
+        f'[session]\nsecrets = ["{"k" * 40}"]\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "no" / "such" / "folder.db"}"\n'
+        '[[providers]]\nid = "idp"\ntype = "oidc"\nissuer = "https://idp.test"\n'
+        'client_id = "c"\nclient_secret = "s"\n'
+    )
+
+    code = main(["users", "list", "--config", str(config)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cannot open the store" in err
+    assert "Traceback" not in err
+
+
+def test_empty_csv_export_has_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _admin_config(tmp_path)
+
+    code = main(["audit", "export", "--format", "csv", "--config", str(config)])
+
+    header = capsys.readouterr().out.splitlines()[0]
+    assert code == 0
+    assert header.startswith("id,at,event,outcome,reason,provider,subject,user_id,email")

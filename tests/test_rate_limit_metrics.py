@@ -74,3 +74,19 @@ async def test_metrics_count_sign_ins(make_harness: Any) -> None:
     assert 'moko_guard_sign_ins_total{outcome="success",provider="idp",reason=""} 1.0' in text
     assert 'moko_guard_sign_ins_total{outcome="failure",provider="",reason="state_mismatch"} 1.0' in text
     assert 'moko_guard_auth_check_seconds_count{decision="allow"} 1.0' in text
+
+
+async def test_metrics_hidden_from_open_network(make_harness: Any) -> None:
+    harness: GuardHarness = await make_harness()
+    app = create_app(harness.guard.settings, guard=harness.guard)
+    outsider = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 1234)), base_url=PUBLIC_URL)
+    proxy = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("127.0.0.2", 1234)), base_url=PUBLIC_URL)
+
+    async with outsider, proxy:
+        hidden = await outsider.get("/metrics")
+        shown = await proxy.get("/metrics")
+
+    assert hidden.status_code == 404
+    assert shown.status_code == 200

@@ -136,6 +136,11 @@ def _identity(row: Row[Any]) -> IdentityRecord:
     )
 
 
+def _short(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None) or exc
+    return str(original).splitlines()[0][:200]
+
+
 def engine_url(url: str) -> str:
     """Map the config's URL to SQLAlchemy's async driver URL."""
     scheme, _, rest = url.partition(":")
@@ -178,7 +183,9 @@ class Store:
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": self.busy_timeout}
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            # No pre-ping: it costs a round trip per checkout; stale connections are
+            # recycled instead.
+            kwargs.update(pool_size=10, max_overflow=10, pool_recycle=1800)
             if self.schema:
                 kwargs["connect_args"] = {"server_settings": {"search_path": self.schema}}
         engine = create_async_engine(engine_url(self.url), **kwargs)
@@ -195,7 +202,15 @@ class Store:
                 cursor.close()
 
         self._engine = engine
-        await self.upgrade()
+        try:
+            await self.upgrade()
+        except (OperationalError, OSError) as exc:
+            self._engine = None
+            await engine.dispose()
+            where = self.url.split("?", 1)[0] if self.is_sqlite else self.url.split("@")[-1]
+            raise StoreError("open", f"cannot open the store at {where}: {_short(exc)}; "
+                             "check store.url, that its folder exists and is writable, "
+                             "or that the server is reachable") from None
 
     async def close(self) -> None:
         if self._engine is not None:
