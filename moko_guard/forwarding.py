@@ -6,10 +6,10 @@ TCP peer is in ``server.trusted_proxies``. An empty list trusts nobody.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from starlette.types import Scope
 
@@ -32,7 +32,9 @@ _WARNED_STATE_KEY = "moko_untrusted_forwarding_warned"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: the same few peer and proxy addresses come back on every request.
     try:
         return ipaddress.ip_address(value.strip().strip("[]"))
     except ValueError:
@@ -46,13 +48,24 @@ def is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
     return address is not None and any(address in network for network in trusted)
 
 
-@dataclass(frozen=True)
 class RequestInfo:
-    peer: str | None
-    client_ip: str | None
-    scheme: str
-    host: str | None
-    trusted_peer: bool
+    """The request as the guard sees it; ``client_ip`` is worked out on first use."""
+
+    def __init__(self, peer: str | None, scheme: str, host: str | None, trusted_peer: bool,
+                 headers: Sequence[tuple[bytes, bytes]] = (),
+                 trusted: Sequence[Network] = ()) -> None:
+        self.peer = peer
+        self.scheme = scheme
+        self.host = host
+        self.trusted_peer = trusted_peer
+        self._headers = headers
+        self._trusted = trusted
+
+    @functools.cached_property
+    def client_ip(self) -> str | None:
+        if not self.trusted_peer:
+            return self.peer
+        return _forwarded_client(self._headers, self._trusted) or self.peer
 
 
 def request_info(scope: Scope, trusted: Sequence[Network]) -> RequestInfo:
@@ -62,7 +75,6 @@ def request_info(scope: Scope, trusted: Sequence[Network]) -> RequestInfo:
     headers = scope.get("headers", [])
     scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
     host = header_value(headers, b"host")
-    client_ip = peer
     if trusted_peer:
         proto = header_value(headers, b"x-forwarded-proto")
         if proto and proto.split(",")[0].strip().lower() in ("http", "https"):
@@ -70,10 +82,9 @@ def request_info(scope: Scope, trusted: Sequence[Network]) -> RequestInfo:
         forwarded_host = header_value(headers, b"x-forwarded-host")
         if forwarded_host:
             host = forwarded_host.split(",")[0].strip()
-        client_ip = _forwarded_client(headers, trusted) or peer
     else:
         _warn_untrusted_forwarding(scope, headers, peer)
-    return RequestInfo(peer, client_ip, scheme, host, trusted_peer)
+    return RequestInfo(peer, scheme, host, trusted_peer, headers, trusted)
 
 
 def _warn_untrusted_forwarding(scope: Scope, headers: Sequence[tuple[bytes, bytes]],

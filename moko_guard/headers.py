@@ -31,6 +31,8 @@ WELL_KNOWN_IDENTITY_HEADERS = (
 )
 
 RawHeaders = list[tuple[bytes, bytes]]
+# Distinct identities whose raw headers are kept; the oldest entry is dropped first.
+_RAW_CACHE_SIZE = 4096
 
 
 def canonical(name: str | bytes) -> str:
@@ -42,6 +44,7 @@ def canonical(name: str | bytes) -> str:
 class IdentityHeaders:
     def __init__(self, settings: HeaderSettings) -> None:
         self.settings = settings
+        self._raw_cache: dict[tuple[object, ...], RawHeaders] = {}
         self.blocked = frozenset(
             canonical(n) for n in (*WELL_KNOWN_IDENTITY_HEADERS, *settings.names())
         )
@@ -79,7 +82,17 @@ class IdentityHeaders:
         return [(k, _header_safe(v)) for k, v in values if v]
 
     def build_raw(self, principal: Principal) -> RawHeaders:
-        return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.build(principal)]
+        """The identity headers as raw ASGI pairs, reused while the same identity returns."""
+        key = (principal.username, principal.email, principal.roles, principal.provider,
+               principal.preferred_username)
+        cached = self._raw_cache.get(key)
+        if cached is None:
+            cached = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                      for k, v in self.build(principal)]
+            if len(self._raw_cache) >= _RAW_CACHE_SIZE:
+                self._raw_cache.pop(next(iter(self._raw_cache)))
+            self._raw_cache[key] = cached
+        return list(cached)
 
 
 def strip_guard_cookies(cookie_header: str, session_cookie: str) -> str:

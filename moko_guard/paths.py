@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+_PLAIN_PATH_RE = re.compile(r"/|(/[A-Za-z0-9_~-][A-Za-z0-9_~.-]*)+/?")
 _VALID_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ANY_PERCENT_RE = re.compile(r"%")
 _FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f\\#?]")
@@ -56,6 +57,9 @@ def _percent_decode(path: str) -> str:
 def normalise_path(target: str) -> str:
     """Return the normalised path of a request target, or raise :class:`AmbiguousPath`."""
     path = target.split("?", 1)[0]
+    if _PLAIN_PATH_RE.fullmatch(path):
+        # Only unreserved characters, no empty or dot segments: already normal.
+        return path
     if not path.startswith("/"):
         raise AmbiguousPath("path does not start with /")
     decoded = _percent_decode(path)

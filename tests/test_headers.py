@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from moko_guard.config import HeaderSettings
+import moko_guard.headers as headers_module
 from moko_guard.headers import IdentityHeaders, header_value, strip_guard_cookies
 from moko_guard.identity import Principal
 
@@ -139,6 +140,22 @@ def test_build_raw_lower_cases_names(identity_headers: IdentityHeaders) -> None:
 
     assert raw[0] == (b"x-crm-user", b"alice@example.com")
     assert all(name == name.lower() for name, _ in raw)
+
+
+def test_build_raw_reuses_and_bounds_cache(
+    identity_headers: IdentityHeaders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(headers_module, "_RAW_CACHE_SIZE", 2)
+
+    first = identity_headers.build_raw(make_principal(username="a@example.com"))
+    again = identity_headers.build_raw(make_principal(username="a@example.com"))
+    identity_headers.build_raw(make_principal(username="b@example.com"))
+    identity_headers.build_raw(make_principal(username="c@example.com"))
+    first.append((b"x-extra", b"1"))
+
+    assert again == first[:-1]
+    assert len(identity_headers._raw_cache) == 2
+    assert identity_headers.build_raw(make_principal(username="a@example.com")) == again
 
 
 # --- header_value ------------------------------------------------------------------
