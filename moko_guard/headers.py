@@ -14,6 +14,7 @@ nginx, PHP's CGI variables and WSGI servers map ``X_Auth_Request_User`` and
 from __future__ import annotations
 
 import logging
+import functools
 from collections.abc import Iterable, Sequence
 
 from .config import HeaderSettings
@@ -35,6 +36,7 @@ RawHeaders = list[tuple[bytes, bytes]]
 _RAW_CACHE_SIZE = 4096
 
 
+@functools.lru_cache(maxsize=2048)
 def canonical(name: str | bytes) -> str:
     """Lower-case a header name and map ``_`` and ``.`` to ``-``, the form used for matching."""
     text = name.decode("latin-1") if isinstance(name, bytes) else name

@@ -110,4 +110,7 @@ def matches_prefix(path: str, prefix: str, *, ignore_case: bool = False) -> bool
 
 
 def is_public(path: str, public_paths: Sequence[str]) -> bool:
-    return any(matches_prefix(path, entry) for entry in public_paths)
+    for entry in public_paths:
+        if matches_prefix(path, entry):
+            return True
+    return False
