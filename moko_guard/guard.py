@@ -411,7 +411,12 @@ class Guard:
 
     async def start(self, request: Request) -> Response:
         await self.ensure_started()
-        limited = await self._rate_limited(request, "start")
+        return await self._begin_flow(request, "start", link_user_id=None)
+
+    async def _begin_flow(self, request: Request, endpoint: str,
+                          link_user_id: int | None) -> Response:
+        """Check the rate limit, provider and ``rd`` of a start or link, then go to the provider."""
+        limited = await self._rate_limited(request, endpoint)
         if limited is not None:
             return limited
         provider_id = request.query_params.get("provider", "")
@@ -422,7 +427,7 @@ class Guard:
                 request, LoginError("unknown_provider", f"provider {provider_id[:40]!r}", status=400),
                 provider=provider_id[:40] or None, rd=rd,
             )
-        return await self._redirect_to_provider(request, provider, rd, link_user_id=None)
+        return await self._redirect_to_provider(request, provider, rd, link_user_id=link_user_id)
 
     async def _redirect_to_provider(self, request: Request, provider: Provider, rd: str,
                                     link_user_id: int | None) -> Response:
@@ -535,19 +540,7 @@ class Guard:
         if principal is None:
             back = f"{self.prefix}/link?{request.url.query}" if request.url.query else None
             return RedirectResponse(self.sign_in_url(back), status_code=302)
-        limited = await self._rate_limited(request, "link")
-        if limited is not None:
-            return limited
-        provider_id = request.query_params.get("provider", "")
-        rd = self._checked_rd(request, request.query_params.get("rd"))
-        provider = self.providers.get(provider_id)
-        if provider is None:
-            return await self._login_failed(
-                request, LoginError("unknown_provider", f"provider {provider_id[:40]!r}", status=400),
-                provider=provider_id[:40] or None, rd=rd,
-            )
-        return await self._redirect_to_provider(request, provider, rd,
-                                                link_user_id=principal.user_id)
+        return await self._begin_flow(request, "link", link_user_id=principal.user_id)
 
     async def _finish_link(self, request: Request, flow: FlowState, identity: Identity) -> Response:
         """Link the identity a callback brought to the user who started the link."""

@@ -20,7 +20,6 @@ import jwt
 from ..config import ProviderSettings
 from ..errors import ConfigError, LoginError
 from ..identity import Identity
-from ..tokens import TokenExpectations, validate_id_token
 from .oidc import OidcProvider, identity_from_claims
 
 GOOGLE_ISSUER = "https://accounts.google.com"
@@ -115,19 +114,7 @@ class GoogleProvider(OidcProvider):
     ) -> Identity:
         metadata = await self.metadata()
         tokens = await self._exchange_code(metadata, code, redirect_uri, code_verifier)
-
-        id_token = tokens.get("id_token")
-        if not isinstance(id_token, str):
-            raise LoginError("token_invalid", f"{self.id} token response has no id_token")
-        if self._jwks is None:
-            raise LoginError("provider_unavailable", f"{self.id} keys not loaded", status=503)
-        expected = TokenExpectations(
-            issuer=self._expected_issuer(id_token),
-            client_id=self.settings.client_id,
-            nonce=nonce,
-            algorithms=self.settings.id_token_algorithms,
-        )
-        claims = await validate_id_token(id_token, expected, self._jwks)
+        claims = await self._id_token_claims(tokens, nonce)
         self._check_hosted_domain(claims)
 
         access_token = tokens.get("access_token")

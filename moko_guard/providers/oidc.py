@@ -7,7 +7,7 @@ import base64
 import logging
 import time
 from typing import Any
-from urllib.parse import urlencode, urlsplit, quote
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 
@@ -179,24 +179,31 @@ class OidcProvider:
             raise LoginError("token_invalid", f"{self.id} userinfo sub differs from the ID token")
         return userinfo
 
+    def _expected_issuer(self, id_token: str) -> str:
+        """The ``iss`` an ID token must carry; subclasses derive it for multi-tenant providers."""
+        return self.issuer
+
+    async def _id_token_claims(self, tokens: dict[str, Any], nonce: str) -> dict[str, Any]:
+        """Validate the token response's ID token and return its claims."""
+        id_token = tokens.get("id_token")
+        if not isinstance(id_token, str):
+            raise LoginError("token_invalid", f"{self.id} token response has no id_token")
+        if self._jwks is None:
+            raise LoginError("provider_unavailable", f"{self.id} keys not loaded", status=503)
+        expected = TokenExpectations(
+            issuer=self._expected_issuer(id_token),
+            client_id=self.settings.client_id,
+            nonce=nonce,
+            algorithms=self.settings.id_token_algorithms,
+        )
+        return await validate_id_token(id_token, expected, self._jwks)
+
     async def complete(
         self, *, code: str, redirect_uri: str, code_verifier: str, nonce: str
     ) -> Identity:
         metadata = await self.metadata()
         tokens = await self._exchange_code(metadata, code, redirect_uri, code_verifier)
-
-        id_token = tokens.get("id_token")
-        if not isinstance(id_token, str):
-            raise LoginError("token_invalid", f"{self.id} token answer has no id_token")
-        if self._jwks is None:
-            raise LoginError("provider_unavailable", f"{self.id} keys not loaded", status=503)
-        expected = TokenExpectations(
-            issuer=self.issuer,
-            client_id=self.settings.client_id,
-            nonce=nonce,
-            algorithms=self.settings.id_token_algorithms,
-        )
-        claims = await validate_id_token(id_token, expected, self._jwks)
+        claims = await self._id_token_claims(tokens, nonce)
 
         access_token = tokens.get("access_token")
         userinfo = await self._fetch_userinfo(
