@@ -93,7 +93,9 @@ def render(template: str, status: int = 200, headers: dict[str, str] | None = No
         "X-Frame-Options": "DENY",
         "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
         "script-src 'unsafe-inline'; form-action 'self' https: http:; frame-ancestors 'none'",
-        "Referrer-Policy": "no-referrer",
+        # same-origin, not no-referrer: with no-referrer browsers send "Origin: null" on
+        # form posts, which the admin pages check.
+        "Referrer-Policy": "same-origin",
         **(headers or {}),
     }
     return HTMLResponse(html, status_code=status, headers=response_headers)
