@@ -29,7 +29,7 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 PROVIDER_DIR = TESTS_DIR / "oidc"
 PROVIDER_SCRIPT = PROVIDER_DIR / "server.mjs"
 
-STARTUP_TIMEOUT_SECONDS = 20.0
+STARTUP_TIMEOUT_SECONDS = 60.0
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
 # A first login takes 7 requests: authorize, login page, login submit, resume,
 # consent page, consent submit, resume. 12 leaves room without looping forever.
