@@ -299,7 +299,7 @@ def test_cli_revoke_reaches_both_within_bound(
                                    timeout=variant.rejection_bound + 2)
     revoked_at = deployment.latest_revocation(user_id)
 
-    assert result.stdout.strip() == f"1 sessions of user {user_id} ended"
+    assert result.stdout.strip() == f"sessions of user {user_id} ended: 1"
     assert revoked_at is not None
     assert sorted(rejected) == ["A", "B"], f"replicas that rejected: {sorted(rejected)}"
     delays = {name: at - revoked_at for name, at in rejected.items()}
