@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine, then run it.
 #
-# Installs only what is missing: Debian's nginx and chromium (for the
-# end-to-end and browser tests), the npm package oidc-provider (the real
+# Installs only what is missing: Debian's nginx, chromium and php-fpm (for the
+# end-to-end, browser and Dolibarr recipe tests), the npm package oidc-provider (the real
 # OpenID Connect provider the end-to-end tests sign in against), and this
 # package with its test extras. Extra arguments go to pytest.
 set -euo pipefail
@@ -22,7 +22,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq
   # RUNLEVEL=1 keeps the package scripts from starting a system nginx on port 80.
-  RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # The store tests also run against PostgreSQL on 127.0.0.1:5432 (trust auth,
