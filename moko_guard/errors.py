@@ -31,10 +31,14 @@ class LoginError(GuardError):
     only, never to the browser. It must never contain a token, code or secret.
     """
 
-    def __init__(self, reason: str, detail: str = "", *, status: int = 403) -> None:
+    def __init__(self, reason: str, detail: str = "", *, status: int = 403,
+                 subject: str | None = None, email: str | None = None) -> None:
         self.reason = reason
         self.detail = detail
         self.status = status
+        # The provider account the attempt was for, when known, for the audit record.
+        self.subject = subject
+        self.email = email
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 

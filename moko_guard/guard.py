@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -29,17 +28,18 @@ from .admin import AdminPages
 from .audit import AuditEvent, Auditor, escape_control
 from .config import Settings
 from .errors import LoginError, StoreError
-from .flow import FlowManager, FlowState, cookie_name as flow_cookie_name
+from .flow import FlowManager, FlowState, code_challenge
+from .flow import cookie_name as flow_cookie_name
 from .forwarding import RequestInfo, request_info
 from .headers import IdentityHeaders, header_value
 from .identity import Identity, Principal
-from .logs import request_id_var
 from .logout import ReplayCache
+from .logs import request_id_var
 from .metrics import GuardMetrics
-from .ratelimit import RateLimiter
 from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path, path_variants
 from .policy import SignInPolicy
 from .providers import Provider, build_provider
+from .ratelimit import RateLimiter
 from .redirects import RedirectPolicy, check_redirect
 from .rotation import SecretReloader
 from .sessions import SessionCheck, SessionManager
@@ -236,7 +236,7 @@ class Guard:
         return read_cookie(raw, self.settings.session.cookie_name)
 
     def check_session(self, scope: Scope) -> SessionCheck:
-        """The hot path: open the session cookie, no I/O."""
+        """Open the session cookie: the hot path, with no I/O."""
         return self.sessions.check(self.session_cookie(scope))
 
     def access(self, scope: Scope, target: str | None = None) -> AccessResult:
@@ -398,7 +398,7 @@ class Guard:
                             catalogues=self.catalogues)
 
     async def _rate_limited(self, request: Request, endpoint: str) -> Response | None:
-        """A 429 page when this client started too many sign-ins, else None."""
+        """Return a 429 page when this client started too many sign-ins, else None."""
         client = self.info(request.scope).client_ip or "unknown"
         allowed, wait = self.sign_in_limit.allow(client)
         if allowed:
@@ -435,7 +435,7 @@ class Guard:
         try:
             url = await provider.authorization_url(
                 state=flow.state, nonce=flow.nonce,
-                code_challenge=_challenge(flow), redirect_uri=self.settings.server.redirect_uri,
+                code_challenge=code_challenge(flow.code_verifier), redirect_uri=self.settings.server.redirect_uri,
             )
         except LoginError as exc:
             return await self._login_failed(request, exc, provider=provider.id, rd=rd)
@@ -564,10 +564,9 @@ class Guard:
 
     async def _login_failed(self, request: Request, error: LoginError, *,
                             provider: str | None, rd: str = "/") -> Response:
-        subject, email = getattr(error, "subject", None), getattr(error, "email", None)
         await self.audit(request, AuditEvent(
             "login.failure", "failure", reason=error.reason, provider=provider,
-            subject=subject, email=email, detail=error.detail,
+            subject=error.subject, email=error.email, detail=error.detail,
         ))
         logger.warning("login_failed reason=%s provider=%s detail=%s", error.reason, provider,
                        escape_control(error.detail))
@@ -615,7 +614,7 @@ class Guard:
 
     async def _provider_logout_url(self, principal: Principal | None, raw_rd: str | None,
                                    request: Request) -> str | None:
-        """The provider's end-session URL (RP-Initiated Logout 1.0), when the provider is set to it."""
+        """Return the provider's end-session URL (RP-Initiated Logout 1.0) when it is turned on."""
         if principal is None:
             return None
         settings = self.settings.provider(principal.provider)
@@ -677,7 +676,7 @@ class Guard:
     async def auth(self, scope: Scope, receive: Receive, send: Send) -> None:
         """nginx ``auth_request``: 202 with identity headers, 401 or 403; never 2xx on error.
 
-        A raw ASGI app, since this is the hot path: the answer is built from the
+        A raw ASGI app, since this is the hot path: the response is built from the
         request headers alone, with no body read and no database query.
         """
         try:
@@ -694,7 +693,7 @@ class Guard:
         sent = header_value(raw_headers, b"x-original-uri") or header_value(
             raw_headers, b"x-forwarded-uri")
         if not info.trusted_peer:
-            # Only a trusted proxy may say which request is being checked.
+            # Only a trusted proxy may name the request being checked.
             logger.warning("untrusted_forwarded_header name=X-Original-URI peer=%s present=%s",
                            info.peer, sent is not None)
             return 401, list(_NO_STORE)
@@ -724,7 +723,7 @@ _NO_STORE = ((b"cache-control", b"no-store"), (b"content-length", b"0"))
 
 
 def read_cookie(header: str, name: str) -> str | None:
-    """The value of cookie ``name`` in a ``Cookie`` header; the last copy wins, as in Starlette."""
+    """Return cookie ``name`` from a ``Cookie`` header; the last copy wins, as in Starlette."""
     if name not in header:
         return None
     found = None
@@ -735,24 +734,7 @@ def read_cookie(header: str, name: str) -> str | None:
     return found
 
 
-def _challenge(flow: FlowState) -> str:
-    from .flow import code_challenge
-
-    return code_challenge(flow.code_verifier)
-
-
 def _with_identity(error: LoginError, subject: str, email: str | None) -> LoginError:
-    error.subject = subject  # type: ignore[attr-defined]
-    error.email = email  # type: ignore[attr-defined]
+    error.subject = error.subject or subject
+    error.email = error.email or email
     return error
-
-
-def parse_set_cookie_names(response: Response) -> list[str]:
-    """Names of the cookies a response sets (used by tests and the proxy)."""
-    names = []
-    for key, value in response.raw_headers:
-        if key == b"set-cookie":
-            cookie = SimpleCookie()
-            cookie.load(value.decode("latin-1"))
-            names.extend(cookie.keys())
-    return names

@@ -45,7 +45,6 @@ class Sealer:
         if not secrets:
             raise ValueError("at least one secret is required")
         keys = [_derive_key(secret) for secret in secrets]
-        self._seal_key = keys[0]
         self._seal_key_id = hashlib.sha256(keys[0]).digest()[:_KEY_ID_LENGTH]
         self._ciphers = {
             hashlib.sha256(key).digest()[:_KEY_ID_LENGTH]: AESGCM(key) for key in keys

@@ -81,10 +81,7 @@ def endpoint_problem(settings: ProviderSettings, key: str, url: str) -> str | No
 
 def login_rejected(reason: str, detail: str, *, subject: str | None) -> LoginError:
     """Build a :class:`LoginError` that names the provider account in the audit record."""
-    error = LoginError(reason, detail)
-    # The guard copies this attribute into the audit event (see guard._with_identity).
-    error.subject = subject  # type: ignore[attr-defined]
-    return error
+    return LoginError(reason, detail, subject=subject)
 
 
 async def fetch_json(
