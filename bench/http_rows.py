@@ -193,7 +193,8 @@ def row_middleware(ctx: RowContext) -> dict:
 # --- row 3 ----------------------------------------------------------------------------
 
 
-def _nginx_server(ctx: RowContext, guard_port: int) -> tuple[Server, int, int]:
+def _nginx_server(ctx: RowContext, guard_port: int, bare_port: int) -> tuple[Server, int, int, int]:
+    """Render nginx.conf.in; return nginx and its static, guarded and stand-in ports."""
     nginx = require_nginx()
     prefix = ctx.work_dir / "nginx"
     for folder in ("www", "tmp"):
@@ -202,10 +203,11 @@ def _nginx_server(ctx: RowContext, guard_port: int) -> tuple[Server, int, int]:
     # nginx's workers run as an unprivileged user when started by root: they must reach the file.
     for path in (ctx.work_dir, prefix, prefix / "www", prefix / "www" / "ok.txt"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    static_port, auth_port = free_port(), free_port()
+    static_port, auth_port, stand_in_port = free_port(), free_port(), free_port()
     text = (BENCH_DIR / "nginx.conf.in").read_text()
     for key, value in (("PREFIX", prefix), ("STATIC_PORT", static_port), ("AUTH_PORT", auth_port),
-                       ("GUARD_PORT", guard_port)):
+                       ("GUARD_PORT", guard_port), ("STANDIN_PORT", stand_in_port),
+                       ("BARE_PORT", bare_port)):
         text = text.replace(f"@{key}@", str(value))
     config = prefix / "nginx.conf"
     config.write_text(text)
@@ -215,26 +217,36 @@ def _nginx_server(ctx: RowContext, guard_port: int) -> tuple[Server, int, int]:
         raise BrokenRun(f"nginx rejected {config}: {checked.stderr.strip()}")
     server = Server("row3-nginx", [*base, "-g", "daemon off;"], auth_port,
                     log_path=ctx.work_dir / "row3-nginx.log")
-    return server, static_port, auth_port
+    return server, static_port, auth_port, stand_in_port
 
 
 def row_nginx(ctx: RowContext) -> dict:
-    """Row 3: nginx auth_request -> moko_guard -> static file vs nginx serving the file alone."""
-    ctx.log("row 3: nginx auth_request -> moko_guard -> static file vs nginx static file")
-    guard_port = free_port()
+    """Row 3: nginx auth_request -> moko_guard -> static file vs nginx serving the file alone.
+
+    A third target puts a do-nothing endpoint (``apps:bare_auth_app``, always
+    202, same uvicorn settings as the guard) in the guard's place, as the
+    anchor harness's stand-in does. The sub-request costs the same on both
+    sides, so the ratio against it shows the cost of the guard's own work.
+    """
+    ctx.log("row 3: nginx auth_request -> moko_guard -> static file vs nginx static file "
+            "and vs a do-nothing auth endpoint")
+    guard_port, bare_port = free_port(), free_port()
     config = _guard_config(ctx, "row3", guard_port)
     cookie = issue_sessions(config, 1)[0]
     env = {**ctx.env, "MOKO_BENCH_CONFIG": str(config)}
     guard = uvicorn_server("row3-guard", "guard_server", guard_port, PRIMARY, env=env, log_dir=ctx.work_dir)
-    nginx, static_port, auth_port = _nginx_server(ctx, guard_port)
-    servers = [guard, nginx]
+    bare = uvicorn_server("row3-bare", "bare_auth_app", bare_port, PRIMARY, env=env, log_dir=ctx.work_dir)
+    nginx, static_port, auth_port, stand_in_port = _nginx_server(ctx, guard_port, bare_port)
+    servers = [guard, bare, nginx]
     headers = {"Cookie": cookie}
     try:
-        guard.start()
-        nginx.start()
+        for server in servers:
+            server.start()
         targets = [
             Target("auth", "nginx auth_request -> moko_guard -> static file",
                    f"http://127.0.0.1:{auth_port}/ok.txt", headers, [nginx.pid, guard.pid]),
+            Target("stand_in", "nginx auth_request -> do-nothing 202 endpoint -> static file",
+                   f"http://127.0.0.1:{stand_in_port}/ok.txt", headers, [nginx.pid, bare.pid]),
             Target("static", "nginx static file, no auth", f"http://127.0.0.1:{static_port}/ok.txt",
                    headers, [nginx.pid]),
         ]
@@ -243,7 +255,8 @@ def row_nginx(ctx: RowContext) -> dict:
         runs = measure_interleaved(ctx.wrk, targets, ctx.load, ctx.log)
     finally:
         _stop_all(servers)
-    return _comparison(runs, "auth", "static")
+    return {**_comparison(runs, "auth", "static"),
+            "do_nothing": _comparison(runs, "auth", "stand_in")}
 
 
 # --- row 4 ----------------------------------------------------------------------------

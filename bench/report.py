@@ -122,10 +122,19 @@ def _row_memory(result: dict) -> list[dict]:
     )]
 
 
+def _row_nginx(result: dict) -> list[dict]:
+    lines = [_comparison_line("3", "nginx auth_request -> guard -> file vs nginx file", result, 0.5)]
+    if "do_nothing" in result:
+        # Target: at least 0.9 of the same path with a do-nothing auth endpoint.
+        lines.append(_comparison_line("3b", "the same vs nginx -> do-nothing 202 endpoint -> file",
+                                      result["do_nothing"], 0.9))
+    return lines
+
+
 _ROW_LINES: dict[str, Callable[[dict], list[dict]]] = {
     "1": _row_forward_auth,
     "2": _row_middleware,
-    "3": lambda r: [_comparison_line("3", "nginx auth_request -> guard -> file vs nginx file", r, 0.5)],
+    "3": _row_nginx,
     "4": lambda r: [_comparison_line("4", "reverse proxy -> upstream vs upstream direct", r, 0.6)],
     "5": _row_sign_in,
     "6": _row_store,

@@ -56,13 +56,13 @@ class GuardMiddleware:
         if scope["type"] == "http" and scope["path"] == guard.auth_path:
             await guard.auth(scope, receive, send)
             return
-        info = guard.info(scope)
-        send = self._with_security_headers(scope, send, info.scheme)
-
-        redirect = self._https_redirect(scope, info.scheme, info.host)
-        if redirect is not None:
-            await redirect(scope, receive, send)
-            return
+        if guard.settings.server.enforce_https:
+            info = guard.info(scope)
+            send = self._with_security_headers(scope, send, info.scheme)
+            redirect = self._https_redirect(scope, info.scheme, info.host)
+            if redirect is not None:
+                await redirect(scope, receive, send)
+                return
 
         if scope["type"] == "http" and guard.handles(scope.get("path", "")):
             await guard.router(scope, receive, send)

@@ -8,12 +8,12 @@ size. Hop-by-hop headers (RFC 9110 section 7.6.1), including those a
 ``Connection`` header names, are removed in both directions, and
 ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are set by the guard.
 
-The proxy talks to the upstream through httpcore, the transport layer under
-httpx, because two httpx client features are wrong for a proxy: the client's
-cookie jar keeps an upstream ``Set-Cookie`` and sends it with other users'
-requests, and ``httpx.URL`` resolves ``..`` segments, so the upstream would get
-another path than the one the guard checked. httpcore sends the request
-target byte for byte.
+The proxy talks to the upstream through its own keep-alive pool
+(:mod:`moko_guard.upstream`), not httpx: httpx's cookie jar would keep an
+upstream ``Set-Cookie`` and send it with other users' requests, and
+``httpx.URL`` resolves ``..`` segments, so the upstream would get another path
+than the one the guard checked. The pool sends the request target byte for
+byte, and takes and returns a connection in constant time.
 
 Websocket requests are proxied once the middleware has allowed the handshake:
 the guard opens its own websocket to the upstream, then relays messages both
@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
 import anyio
-import httpcore
 from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
@@ -43,11 +41,11 @@ from .audit import escape_control
 from .guard import Guard
 from .headers import header_value
 from .inject import wrap_login_page
+from .upstream import (RawHeaders, UpstreamBusy, UpstreamError, UpstreamPool, UpstreamResponse,
+                       UpstreamTimeout)
 from .web import message_page
 
 logger = logging.getLogger(__name__)
-
-RawHeaders = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -76,10 +74,6 @@ WEBSOCKET_HANDSHAKE_HEADERS = frozenset({
 MAX_UPSTREAM_CONNECTIONS = 256
 MAX_IDLE_UPSTREAM_CONNECTIONS = 64
 IDLE_CONNECTION_EXPIRY = 30.0
-# The receive buffer of each upstream socket, which bounds how much of a response is read
-# ahead. anyio pauses a socket only after its reading task wakes up, and uvloop delivers up
-# to 32 reads of 256 KiB before that, so without this bound 8 MiB per download can queue up.
-UPSTREAM_RECEIVE_BUFFER = 128 * 1024
 # The same bound uvicorn puts on messages from the client (its ws_max_size default).
 WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -88,30 +82,25 @@ class ClientDisconnected(Exception):
     """The client went away before it sent the whole request body."""
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return tokens
-
-
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]],
                      protected: Callable[[bytes], bool] = lambda _name: False) -> RawHeaders:
     """Remove hop-by-hop headers and those the ``Connection`` header names.
 
     A header for which ``protected`` returns True stays even when ``Connection``
     names it, so a client cannot use ``Connection`` to remove a header the
-    guard added, such as the identity headers.
+    guard added, such as the identity headers. Names come back in lower case.
     """
-    headers = list(headers)
-    named = _connection_tokens(headers)
     kept: RawHeaders = []
+    named: set[bytes] = set()
     for key, value in headers:
         name = key.lower()
-        if name in HOP_BY_HOP or (name in named and not protected(name)):
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                named.update(token.strip().lower() for token in value.split(b","))
             continue
         kept.append((name, value))
+    if named:
+        kept = [(name, value) for name, value in kept if name not in named or protected(name)]
     return kept
 
 
@@ -133,11 +122,14 @@ class ProxyApp:
         self.connect_timeout = (server.upstream_connect_timeout if connect_timeout is None
                                 else connect_timeout)
         self.preserve_host = server.preserve_host if preserve_host is None else preserve_host
-        self.pool = httpcore.AsyncConnectionPool(
-            max_connections=MAX_UPSTREAM_CONNECTIONS,
-            max_keepalive_connections=MAX_IDLE_UPSTREAM_CONNECTIONS,
-            keepalive_expiry=IDLE_CONNECTION_EXPIRY,
-            socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RECEIVE_BUFFER)],
+        self._netloc_bytes = self.netloc.encode("latin-1")
+        always = HOP_BY_HOP | FORWARDING_HEADERS | PATH_OVERRIDE_HEADERS | FRAMING_HEADERS
+        self._dropped_trusted = always
+        self._dropped_untrusted = always | UNTRUSTED_FORWARDING_HEADERS
+        self.pool = UpstreamPool(
+            self.scheme, self.host, self.port, connect_timeout=self.connect_timeout,
+            timeout=self.timeout, max_connections=MAX_UPSTREAM_CONNECTIONS,
+            max_idle=MAX_IDLE_UPSTREAM_CONNECTIONS, idle_expiry=IDLE_CONNECTION_EXPIRY,
         )
         self._closed = False
         guard.on_shutdown.append(self.aclose)
@@ -183,103 +175,125 @@ class ProxyApp:
             return client_host.encode("latin-1")
         return self.netloc.encode("latin-1")
 
-    def _forwarding_headers(self, scope: Scope) -> RawHeaders:
-        info = self.guard.info(scope)
-        prior = header_value(scope.get("headers", []), b"x-forwarded-for")
-        chain = f"{prior}, {info.peer}" if prior and info.trusted_peer else (info.peer or "")
-        headers = [(b"x-forwarded-for", chain.encode("latin-1")),
-                   (b"x-forwarded-proto", info.scheme.encode("latin-1"))]
-        if info.host:
-            headers.append((b"x-forwarded-host", info.host.encode("latin-1")))
-        return headers
-
     def upstream_headers(self, scope: Scope) -> RawHeaders:
-        """Return the client's headers as the upstream gets them, with ``Host`` and forwarding."""
-        trusted = self.guard.info(scope).trusted_peer
-        dropped = FORWARDING_HEADERS | PATH_OVERRIDE_HEADERS | FRAMING_HEADERS
-        if not trusted:
-            dropped |= UNTRUSTED_FORWARDING_HEADERS
-        kept = strip_hop_by_hop(scope.get("headers", []),
-                                self.guard.identity_headers.is_identity_header)
-        headers = [(key, value) for key, value in kept if key not in dropped]
-        return [(b"host", self._host_header(scope)), *headers, *self._forwarding_headers(scope)]
+        """Return the client's headers as the upstream gets them, with ``Host`` and forwarding.
+
+        The framing headers (``Content-Length``, ``Transfer-Encoding``) are left
+        out; :meth:`_request_body` adds the ones the body needs.
+        """
+        info = self.guard.info(scope)
+        dropped = self._dropped_trusted if info.trusted_peer else self._dropped_untrusted
+        kept: RawHeaders = []
+        named: set[bytes] = set()
+        client_host = prior_chain = None
+        for key, value in scope.get("headers", []):
+            name = key.lower()
+            if name in dropped:
+                if name == b"connection":
+                    named.update(token.strip().lower() for token in value.split(b","))
+                elif name == b"host" and client_host is None:
+                    client_host = value
+                elif name == b"x-forwarded-for" and prior_chain is None:
+                    prior_chain = value
+                continue
+            kept.append((name, value))
+        if named:
+            is_identity = self.guard.identity_headers.is_identity_header
+            kept = [(name, value) for name, value in kept
+                    if name not in named or is_identity(name)]
+        host = client_host if self.preserve_host and client_host else self._netloc_bytes
+        peer = (info.peer or "").encode("latin-1")
+        chain = prior_chain + b", " + peer if prior_chain and info.trusted_peer else peer
+        kept.insert(0, (b"host", host))
+        kept.append((b"x-forwarded-for", chain))
+        kept.append((b"x-forwarded-proto", info.scheme.encode("latin-1")))
+        if info.host:
+            kept.append((b"x-forwarded-host", info.host.encode("latin-1")))
+        return kept
 
     # --- http --------------------------------------------------------------------
 
-    def _timeouts(self) -> dict[str, float]:
-        return {"connect": self.connect_timeout, "read": self.timeout,
-                "write": self.timeout, "pool": self.timeout}
-
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body_done = anyio.Event()
-        headers, content = self._request_body(scope, receive, body_done)
-        request = httpcore.Request(
-            scope["method"],
-            httpcore.URL(scheme=self.scheme, host=self.host, port=self.port,
-                         target=self._target(scope)),
-            headers=headers, content=content, extensions={"timeout": self._timeouts()},
-        )
+        headers, content, chunked, body_done = self._request_body(scope, receive)
         try:
-            response = await self.pool.handle_async_request(request)
+            response = await self.pool.request(scope["method"].encode("latin-1"),
+                                               self._target(scope), headers, content,
+                                               chunked=chunked)
+            try:
+                first = await response.read()
+            except BaseException:
+                response.abort()
+                raise
         except ClientDisconnected:
             logger.info("client_disconnected during request body path=%s", _log_path(scope))
             return
-        except httpcore.PoolTimeout:
+        except UpstreamBusy:
             logger.error("upstream_busy path=%s", _log_path(scope))
             await self._error_page(scope, receive, send, 503)
             return
-        except httpcore.TimeoutException as exc:
-            logger.error("upstream_timeout error=%s path=%s", type(exc).__name__, _log_path(scope))
+        except UpstreamTimeout as exc:
+            logger.error("upstream_timeout error=%s path=%s", _log_text(exc), _log_path(scope))
             await self._error_page(scope, receive, send, 504)
             return
-        except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
-            logger.error("upstream_unreachable error=%s path=%s", type(exc).__name__,
-                         _log_path(scope))
+        except UpstreamError as exc:
+            logger.error("upstream_unreachable error=%s path=%s", _log_text(exc), _log_path(scope))
             await self._error_page(scope, receive, send, 502)
             return
         try:
-            await self._relay_response(scope, response, receive, send, body_done)
+            await self._relay_response(scope, response, first, receive, send, body_done)
         finally:
-            await response.aclose()
+            response.abort()
 
-    def _request_body(self, scope: Scope, receive: Receive, body_done: anyio.Event,
-                      ) -> tuple[RawHeaders, AsyncIterator[bytes] | bytes]:
-        """Return the upstream headers with the body's framing, and the body itself."""
+    def _request_body(self, scope: Scope, receive: Receive,
+                      ) -> tuple[RawHeaders, AsyncIterator[bytes] | bytes, bool, asyncio.Event | None]:
+        """Return the upstream headers with the body's framing, the body, whether it is
+        chunked, and an event set once the body has been read (None when there is none)."""
         headers = self.upstream_headers(scope)
-        raw = scope.get("headers", [])
-        length = header_value(raw, b"content-length")
-        chunked = header_value(raw, b"transfer-encoding") is not None
-        if chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
-            return headers, _stream_request_body(receive, body_done)
-        if length is not None and length.strip() != "0":
-            headers.append((b"content-length", length.strip().encode("latin-1")))
-            return headers, _stream_request_body(receive, body_done)
+        length: bytes | None = None
+        chunked = False
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                length = value.strip() if length is None else length
+            elif key == b"transfer-encoding":
+                chunked = True
+        if chunked or (length is not None and length != b"0"):
+            body_done = asyncio.Event()
+            headers.append((b"transfer-encoding", b"chunked") if chunked
+                           else (b"content-length", length or b"0"))
+            return headers, _stream_request_body(receive, body_done), chunked, body_done
         if scope["method"] in ("POST", "PUT", "PATCH") or length is not None:
             headers.append((b"content-length", b"0"))
-        body_done.set()
-        return headers, b""
+        return headers, b"", False, None
 
-    async def _relay_response(self, scope: Scope, response: httpcore.Response,
-                              receive: Receive, send: Send, body_done: anyio.Event) -> None:
-        """Stream the upstream's response, and stop reading it when the client goes away."""
-        headers = strip_hop_by_hop(response.headers)
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": headers})
+    async def _relay_response(self, scope: Scope, response: UpstreamResponse, first: bytes,
+                              receive: Receive, send: Send,
+                              body_done: asyncio.Event | None) -> None:
+        """Send the upstream's response; stream a longer body, and stop when the client goes away."""
+        start = {"type": "http.response.start", "status": response.status,
+                 "headers": strip_hop_by_hop(response.headers)}
+        if response.complete:
+            # The whole body came with the first read: no streaming, nothing to watch.
+            await send(start)
+            await send({"type": "http.response.body", "body": first, "more_body": False})
+            return
+        await send(start)
         async with anyio.create_task_group() as group:
             group.start_soon(_cancel_on_disconnect, receive, body_done, group.cancel_scope)
             try:
-                async for chunk in response.aiter_stream():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (httpcore.TimeoutException, httpcore.NetworkError,
-                    httpcore.ProtocolError) as exc:
+                chunk = first
+                while not response.complete:
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": True})
+                    chunk = await response.read()
+            except UpstreamError as exc:
                 # The status line is already sent, so the only signal left is to end the
                 # response without its final chunk. The server then closes the connection.
-                logger.error("upstream_body_failed error=%s path=%s", type(exc).__name__,
+                logger.error("upstream_body_failed error=%s path=%s", _log_text(exc),
                              _log_path(scope))
                 group.cancel_scope.cancel()
                 return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
             group.cancel_scope.cancel()
 
     async def _error_page(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
@@ -373,7 +387,7 @@ class _UpstreamHandshake(ClientProtocol):
         return request
 
 
-async def _stream_request_body(receive: Receive, done: anyio.Event) -> AsyncIterator[bytes]:
+async def _stream_request_body(receive: Receive, done: asyncio.Event) -> AsyncIterator[bytes]:
     try:
         while True:
             message = await receive()
@@ -388,10 +402,11 @@ async def _stream_request_body(receive: Receive, done: anyio.Event) -> AsyncIter
         done.set()
 
 
-async def _cancel_on_disconnect(receive: Receive, body_done: anyio.Event,
+async def _cancel_on_disconnect(receive: Receive, body_done: asyncio.Event | None,
                                 scope: anyio.CancelScope) -> None:
     """Cancel ``scope`` once the client disconnects (after its request body was read)."""
-    await body_done.wait()
+    if body_done is not None:
+        await body_done.wait()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -461,6 +476,11 @@ async def _refuse_websocket(scope: Scope, send: Send, status: int) -> None:
                 "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _log_text(exc: Exception) -> str:
+    """Return what went wrong with the upstream as one log field: the exception's text, escaped."""
+    return escape_control(str(exc) or type(exc).__name__)[:200].replace(" ", "_")
 
 
 def _log_path(scope: Scope) -> str:
