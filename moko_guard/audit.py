@@ -69,9 +69,23 @@ class Auditor:
         self.store = store
 
     async def record(self, event: AuditEvent, at: datetime | None = None) -> None:
+        values = self.row(event, at)
+        self.log(values)
+        try:
+            await self.store.add_audit(values)
+        except StoreError as exc:
+            # The log line above already carries the event; the request goes on.
+            logger.error("audit_write_failed event=%s error=%s", values["event"], exc.detail)
+
+    def row(self, event: AuditEvent, at: datetime | None = None) -> dict[str, Any]:
+        """Return the store row of ``event``: cleaned fields and the time (default now, UTC)."""
         values = event.cleaned()
         values["at"] = at or utcnow()
-        level = logging.INFO if event.outcome != "failure" else logging.WARNING
+        return values
+
+    def log(self, values: dict[str, Any]) -> None:
+        """Write one audit row to the ``moko_guard.audit`` logger."""
+        level = logging.INFO if values["outcome"] != "failure" else logging.WARNING
         logger.log(
             level,
             "audit event=%s outcome=%s reason=%s provider=%s user_id=%s ip=%s request_id=%s",
@@ -79,8 +93,3 @@ class Auditor:
             values["user_id"], values["client_ip"], values["request_id"],
             extra={"audit": {k: v for k, v in values.items() if k != "at"}},
         )
-        try:
-            await self.store.add_audit(values)
-        except StoreError as exc:
-            # The log line above already carries the event; the request goes on.
-            logger.error("audit_write_failed event=%s error=%s", values["event"], exc.detail)

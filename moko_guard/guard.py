@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
@@ -43,13 +43,15 @@ from .ratelimit import RateLimiter
 from .redirects import RedirectPolicy, check_redirect
 from .rotation import SecretReloader
 from .sessions import SessionCheck, SessionManager
-from .store import IdentityTaken, Store
+from .store import IdentityTaken, SignInPlan, Store, UserRecord
 from .web import ProviderButton, english_strings, message_page, sign_in_page
 from .web.i18n import Catalogues
 
 logger = logging.getLogger(__name__)
 
 Decision = Literal["allow", "anonymous", "unauthenticated", "forbidden", "bad_request"]
+# The scope key under which Guard.info keeps a request's RequestInfo, worked out once per request.
+INFO_SCOPE_KEY = "moko_guard.request_info"
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,12 @@ class Guard:
     # --- request helpers -----------------------------------------------------
 
     def info(self, scope: Scope) -> RequestInfo:
-        return request_info(scope, self.settings.server.trusted_proxies)
+        """The request's peer, scheme and host, worked out once per request and kept in the scope."""
+        info = scope.get(INFO_SCOPE_KEY)
+        if info is None:
+            info = request_info(scope, self.settings.server.trusted_proxies)
+            scope[INFO_SCOPE_KEY] = info
+        return info
 
     def request_id(self, scope: Scope, info: RequestInfo | None = None) -> str:
         existing = scope.get("state", {}).get("moko_request_id") if "state" in scope else None
@@ -259,10 +266,12 @@ class Guard:
 
         access = self.settings.access
         method = str(scope.get("method", "GET")).upper()
-        if any(self._is_native_login(variant, method) for variant in path_variants(path)):
-            return AccessResult("forbidden", reason="sso_only", path=path)
         variants = path_variants(path)
-        if all(is_public(variant, access.public_paths) for variant in variants):
+        if (self.settings.server.mode == "sso_only"
+                and any(self._is_native_login(variant, method) for variant in variants)):
+            return AccessResult("forbidden", reason="sso_only", path=path)
+        public_paths = access.public_paths
+        if public_paths and all(is_public(variant, public_paths) for variant in variants):
             return AccessResult("anonymous", path=path)
 
         check = self.check_session(scope)
@@ -272,11 +281,12 @@ class Guard:
                 return AccessResult("anonymous", reason=check.reason, path=path)
             return AccessResult("unauthenticated", reason=check.reason, path=path)
 
-        denial = None
-        for variant in variants:
-            denial = denial or self._role_denial(principal, variant, method)
-        if denial is not None:
-            return AccessResult("forbidden", principal, denial, path)
+        if access.allowed_roles or access.rules:
+            denial = None
+            for variant in variants:
+                denial = denial or self._role_denial(principal, variant, method)
+            if denial is not None:
+                return AccessResult("forbidden", principal, denial, path)
         return AccessResult("allow", principal, path=path)
 
     def _is_native_login(self, path: str, method: str) -> bool:
@@ -339,14 +349,17 @@ class Guard:
 
     async def audit_scope(self, scope: Scope, event: AuditEvent) -> None:
         """Record an event, filling in the client address, user agent and request id."""
+        await self.auditor.record(self._filled_event(scope, event))
+
+    def _filled_event(self, scope: Scope, event: AuditEvent) -> AuditEvent:
+        """Return ``event`` with the request's client address, user agent and id where unset."""
         info = self.info(scope)
-        filled = AuditEvent(**{
-            **event.__dict__,
-            "client_ip": event.client_ip or info.client_ip,
-            "user_agent": event.user_agent or header_value(scope.get("headers", []), b"user-agent"),
-            "request_id": event.request_id or self.request_id(scope, info),
-        })
-        await self.auditor.record(filled)
+        return replace(
+            event,
+            client_ip=event.client_ip or info.client_ip,
+            user_agent=event.user_agent or header_value(scope.get("headers", []), b"user-agent"),
+            request_id=event.request_id or self.request_id(scope, info),
+        )
 
     # --- endpoints ---------------------------------------------------------------
 
@@ -500,30 +513,40 @@ class Guard:
         )
         if flow.link_user_id is not None:
             return await self._finish_link(request, flow, identity)
-        try:
-            resolution = await self.policy.resolve(identity)
-        except LoginError as exc:
-            raise _with_identity(exc, identity.subject, identity.email) from None
-        user = resolution.user
-        await self.store.record_login(user.id, identity.provider, identity.subject)
 
         info = self.info(request.scope)
-        cookie_value, principal = await self.sessions.issue(
-            user, identity.provider, identity.username,
+        draft = self.sessions.draft(
+            identity.provider, identity.username,
             client_ip=info.client_ip, user_agent=request.headers.get("user-agent"),
             provider_session=identity.provider_session,
         )
         # The store keeps emails lower-cased, so the audit row shows the same form.
         email = identity.email.lower() if identity.email else None
-        base = AuditEvent("login.success", "success", provider=identity.provider,
-                          subject=identity.subject, user_id=user.id, email=email)
-        if resolution.provisioned:
-            await self.audit(request, AuditEvent(**{**base.__dict__, "event": "user.provisioned",
-                                                    "outcome": "info"}))
-        if resolution.linked:
-            await self.audit(request, AuditEvent(**{**base.__dict__, "event": "identity.linked",
-                                                    "outcome": "info"}))
-        await self.audit(request, base)
+        base = self._filled_event(request.scope, AuditEvent(
+            "login.success", "success", provider=identity.provider, subject=identity.subject,
+            email=email))
+
+        async def write(plan: SignInPlan) -> tuple[UserRecord, tuple[str, Principal], list[dict]]:
+            events = []
+            if plan.new_user is not None:
+                events.append(replace(base, event="user.provisioned", outcome="info"))
+            if plan.link:
+                events.append(replace(base, event="identity.linked", outcome="info"))
+            events.append(base)
+            rows = [self.auditor.row(event) for event in events]
+            # The user, session and audit rows commit together or not at all.
+            user, sealed = await self.store.sign_in(
+                plan, session=draft.row, audit=rows,
+                finish=lambda user: self.sessions.seal(draft, user))
+            assert sealed is not None
+            return user, sealed, rows
+
+        try:
+            user, (cookie_value, principal), rows = await self.policy.sign_in(identity, write)
+        except LoginError as exc:
+            raise _with_identity(exc, identity.subject, identity.email) from None
+        for row in rows:
+            self.auditor.log({**row, "user_id": user.id})
         self.metrics.sign_ins.labels(identity.provider, "success", "").inc()
         logger.info("login_success provider=%s user_id=%d session=%s", identity.provider,
                     user.id, principal.session_id[:8])

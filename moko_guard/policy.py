@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from .config import AccessSettings
 from .errors import LoginError
 from .identity import Identity
-from .store import EmailTaken, Store, UserRecord
+from .store import (
+    EmailTaken,
+    NewUser,
+    SignInConflict,
+    SignInPlan,
+    Store,
+    UserRecord,
+    normalise_roles,
+)
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Plans per sign-in: a plan is made again only when a concurrent request wrote first.
+_PLAN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -88,19 +102,58 @@ class SignInPolicy:
 
     async def resolve(self, identity: Identity) -> Resolution:
         """Return the user this identity signs in as, creating or linking it when allowed."""
+
+        async def write(plan: SignInPlan) -> Resolution:
+            if plan.user is not None and not plan.link and plan.roles is None:
+                # A known identity whose roles stay the same needs no write.
+                return Resolution(plan.user)
+            user, _ = await self.store.sign_in(plan, record_login=False)
+            return Resolution(user, provisioned=plan.new_user is not None, linked=plan.link)
+
+        return await self.sign_in(identity, write)
+
+    async def sign_in(self, identity: Identity, write: Callable[[SignInPlan], Awaitable[T]]) -> T:
+        """Plan the sign-in of ``identity`` and return what ``write`` returns for the plan.
+
+        ``write`` should apply the plan in one transaction (``Store.sign_in``).
+        When a concurrent request changed the store after the plan was read, the
+        write fails with nothing written, and the sign-in is planned again from
+        fresh reads, up to three times. Raises :class:`LoginError` when the
+        identity may not sign in.
+        """
+        for attempt in range(1, _PLAN_ATTEMPTS + 1):
+            plan = await self.plan(identity)
+            try:
+                return await write(plan)
+            except SignInConflict as exc:
+                if attempt == _PLAN_ATTEMPTS:
+                    raise
+                logger.info("sign_in_planned_again provider=%s attempt=%d detail=%s",
+                            identity.provider, attempt, exc.detail)
+            except EmailTaken:
+                if not self.access.link_by_verified_email or attempt == _PLAN_ATTEMPTS:
+                    raise LoginError("email_in_use", "another user holds this email") from None
+                # The next plan finds the email's owner and links the identity to it.
+                logger.info("sign_in_planned_again provider=%s attempt=%d detail=email_taken",
+                            identity.provider, attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def plan(self, identity: Identity) -> SignInPlan:
+        """Decide, from reads only, which user ``identity`` signs in as and what must be written.
+
+        Raises :class:`LoginError` when the identity may not sign in.
+        """
         _check_email_shape(identity)
         _check_email_allowed(identity, self.access)
 
         user = await self.store.user_for_identity(identity.provider, identity.subject)
         if user is not None:
-            user = await self._sync_mapped_roles(user, identity)
-            _check_user(user, self.access)
-            return Resolution(user)
+            return self._existing_user(user, identity, link=False)
 
         if not identity.email and self.access.allow_missing_email:
             if not self.access.auto_provision:
                 raise LoginError("provisioning_disabled", "no account (no email)")
-            return await self._provision_without_email(identity)
+            return self._new_user(identity, f"{identity.provider}:{identity.subject}", None)
         try:
             email = _check_provisioning(identity, self.access)
         except LoginError as exc:
@@ -111,57 +164,38 @@ class SignInPolicy:
         if self.access.link_by_verified_email:
             owner = await self.store.user_by_email(email)
             if owner is not None:
-                return await self._link(owner, identity)
+                return self._existing_user(owner, identity, link=True)
 
         if not self.access.auto_provision:
             raise LoginError("provisioning_disabled", "no account for this identity")
-        return await self._provision(identity, email)
+        return self._new_user(identity, email, email)
 
-    async def _sync_mapped_roles(self, user: UserRecord, identity: Identity) -> UserRecord:
-        """Apply the provider's role mapping: roles it manages follow the token each sign-in."""
-        if not identity.managed_roles:
-            return user
-        kept = set(user.roles) - set(identity.managed_roles)
-        wanted = sorted(kept | set(identity.roles))
-        if wanted == sorted(user.roles):
-            return user
-        await self.store.set_roles(user.id, wanted)
-        refreshed = await self.store.user_by_id(user.id)
-        return refreshed or user
+    def _existing_user(self, user: UserRecord, identity: Identity, *, link: bool) -> SignInPlan:
+        """Plan a sign-in as ``user``, after the role mapping, or raise when the user may not."""
+        roles = _mapped_roles(user, identity)
+        _check_user(replace(user, roles=normalise_roles(roles)) if roles is not None else user,
+                    self.access)
+        return SignInPlan(identity.provider, identity.subject, identity.email, user=user,
+                          link=link, roles=roles)
 
-    async def _link(self, owner: UserRecord, identity: Identity) -> Resolution:
-        owner = await self._sync_mapped_roles(owner, identity)
-        _check_user(owner, self.access)
-        await self.store.link_identity(owner.id, identity.provider, identity.subject, identity.email)
-        return Resolution(owner, linked=True)
-
-    async def _provision_without_email(self, identity: Identity) -> Resolution:
-        roles = [*self.access.default_roles, *identity.roles]
-        if self.access.allowed_roles and not set(roles) & set(self.access.allowed_roles):
-            raise LoginError("role_not_allowed", "a new user would hold none of the allowed roles")
-        user, created = await self.store.create_user_with_identity(
-            username=f"{identity.provider}:{identity.subject}", email=None,
-            display_name=identity.name, roles=roles, provider=identity.provider,
-            subject=identity.subject, identity_email=None,
-        )
-        _check_user(user, self.access)
-        return Resolution(user, provisioned=created)
-
-    async def _provision(self, identity: Identity, email: str) -> Resolution:
-        roles = [*self.access.default_roles, *identity.roles]
+    def _new_user(self, identity: Identity, username: str, email: str | None) -> SignInPlan:
+        roles = (*self.access.default_roles, *identity.roles)
         # Reject before writing, so a person who may not sign in leaves no user behind.
         if self.access.allowed_roles and not set(roles) & set(self.access.allowed_roles):
             raise LoginError("role_not_allowed", "a new user would hold none of the allowed roles")
-        try:
-            user, created = await self.store.create_user_with_identity(
-                username=email, email=email, display_name=identity.name,
-                roles=roles, provider=identity.provider,
-                subject=identity.subject, identity_email=identity.email,
-            )
-        except EmailTaken as exc:
-            owner = await self.store.user_by_id(exc.user_id)
-            if owner is None or not self.access.link_by_verified_email:
-                raise LoginError("email_in_use", "another user holds this email") from None
-            return await self._link(owner, identity)
-        _check_user(user, self.access)
-        return Resolution(user, provisioned=created)
+        new_user = NewUser(username=username, email=email, display_name=identity.name, roles=roles)
+        return SignInPlan(identity.provider, identity.subject, identity.email, new_user=new_user)
+
+
+def _mapped_roles(user: UserRecord, identity: Identity) -> tuple[str, ...] | None:
+    """Return the user's roles after the provider's role mapping, or None when they stay.
+
+    The roles the mapping manages follow the token at each sign-in, and the others stay.
+    """
+    if not identity.managed_roles:
+        return None
+    unmanaged = set(user.roles) - set(identity.managed_roles)
+    mapped = tuple(sorted(unmanaged | set(identity.roles)))
+    if mapped == tuple(sorted(user.roles)):
+        return None
+    return mapped

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from .errors import LoginError
 from .identity import Principal
 from .sealing import MAX_SEALED_LENGTH, Sealer, SealError
-from .store import Store, UserRecord
+from .store import SessionRow, Store, UserRecord
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,16 @@ _PrincipalFields = tuple[str, int, str, str | None, tuple[str, ...], str, str | 
 class SessionCheck:
     principal: Principal | None
     reason: str | None  # why the cookie was not accepted: "tampered", "expired", "revoked"
+
+
+@dataclass(frozen=True)
+class SessionDraft:
+    """A session before its user is known: the store row without the user, and its times."""
+
+    row: SessionRow
+    preferred_username: str | None
+    issued_at: float  # seconds since the epoch
+    expires_at: float
 
 
 def _timestamp(value: float) -> datetime:
@@ -118,23 +128,57 @@ class SessionManager:
         Raises ``LoginError("session_too_large")`` before writing anything when the
         sealed cookie would be too long for a browser to keep.
         """
+        draft = self.draft(provider, preferred_username, client_ip=client_ip,
+                           user_agent=user_agent, provider_session=provider_session)
+        sealed, principal = self.seal(draft, user)
+        row = draft.row
+        await self.store.create_session(
+            session_id=row.id, user_id=user.id, provider=row.provider,
+            created_at=row.created_at, expires_at=row.expires_at,
+            client_ip=row.client_ip, user_agent=row.user_agent, provider_sid=row.provider_sid,
+        )
+        return sealed, principal
+
+    def draft(
+        self,
+        provider: str,
+        preferred_username: str | None,
+        *,
+        client_ip: str | None,
+        user_agent: str | None,
+        provider_session: str | None = None,
+    ) -> SessionDraft:
+        """Start a session for a user not yet known: a new id, its lifetime and its store row."""
         now = self.clock()
-        session_id = secrets.token_urlsafe(24)
+        row = SessionRow(
+            id=secrets.token_urlsafe(24), provider=provider, created_at=_timestamp(now),
+            expires_at=_timestamp(now + self.lifetime), client_ip=client_ip,
+            user_agent=(user_agent or "")[:512] or None, provider_sid=provider_session,
+        )
+        return SessionDraft(row, preferred_username, now, now + self.lifetime)
+
+    def seal(self, draft: SessionDraft, user: UserRecord) -> tuple[str, Principal]:
+        """Return the cookie value and principal of ``draft`` for ``user``, without I/O.
+
+        Raises ``LoginError("session_too_large")`` when the sealed cookie would be
+        too long for a browser to keep.
+        """
         principal = Principal(
-            session_id=session_id,
+            session_id=draft.row.id,
             user_id=user.id,
             username=user.username,
             email=user.email,
             roles=user.roles,
-            provider=provider,
-            preferred_username=preferred_username,
-            issued_at=now,
-            expires_at=now + self.lifetime,
+            provider=draft.row.provider,
+            preferred_username=draft.preferred_username,
+            issued_at=draft.issued_at,
+            expires_at=draft.expires_at,
         )
         payload = {
             "sid": principal.session_id, "uid": user.id, "usr": user.username,
-            "eml": user.email, "rol": list(user.roles), "prv": provider,
-            "pun": preferred_username, "iat": int(now), "exp": int(principal.expires_at),
+            "eml": user.email, "rol": list(user.roles), "prv": principal.provider,
+            "pun": principal.preferred_username, "iat": int(draft.issued_at),
+            "exp": int(principal.expires_at),
         }
         sealed = self.sealer.seal(payload, SESSION_PURPOSE)
         if len(sealed) > MAX_SESSION_COOKIE_VALUE:
@@ -143,12 +187,6 @@ class SessionManager:
                          MAX_SESSION_COOKIE_VALUE, user.id, len(user.roles))
             raise LoginError("session_too_large",
                              f"session cookie of {len(sealed)} bytes for {len(user.roles)} roles")
-        await self.store.create_session(
-            session_id=principal.session_id, user_id=user.id, provider=provider,
-            created_at=_timestamp(now), expires_at=_timestamp(principal.expires_at),
-            client_ip=client_ip, user_agent=(user_agent or "")[:512] or None,
-            provider_sid=provider_session,
-        )
         return sealed, principal
 
     def _open_fields(self, cookie_value: str) -> _PrincipalFields:

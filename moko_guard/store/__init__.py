@@ -12,14 +12,16 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, event, func, insert, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.sql import Executable
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..config import StoreSettings
@@ -116,8 +118,61 @@ class EmailTaken(StoreError):
         self.user_id = user_id
 
 
+class SignInConflict(StoreError):
+    """A concurrent request changed the rows a sign-in was planned on; nothing was written."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("sign_in", detail)
+
+
+@dataclass(frozen=True)
+class NewUser:
+    """A user that a sign-in creates together with its first identity."""
+
+    username: str
+    email: str | None
+    display_name: str | None
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SignInPlan:
+    """The user side of one sign-in, decided from reads before the write.
+
+    Exactly one of ``user`` (an existing user) and ``new_user`` is set. ``link``
+    adds the identity to the existing user, and ``roles`` replaces that user's
+    roles (the provider's role mapping).
+    """
+
+    provider: str
+    subject: str
+    identity_email: str | None
+    user: UserRecord | None = None
+    new_user: NewUser | None = None
+    link: bool = False
+    roles: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """A session row to insert. Its user is the one the sign-in resolves to."""
+
+    id: str
+    provider: str
+    created_at: datetime
+    expires_at: datetime
+    client_ip: str | None
+    user_agent: str | None
+    provider_sid: str | None = None
+
+
 def _roles_to_text(roles: Sequence[str]) -> str:
     return ",".join(sorted({role.strip() for role in roles if role.strip()}))
+
+
+def normalise_roles(roles: Sequence[str]) -> tuple[str, ...]:
+    """Return roles as the store keeps them: stripped, without blanks or repeats, sorted."""
+    return tuple(role for role in _roles_to_text(roles).split(",") if role)
 
 
 def _user(row: Row[Any]) -> UserRecord:
@@ -139,6 +194,61 @@ def _identity(row: Row[Any]) -> IdentityRecord:
 def _short(exc: BaseException) -> str:
     original = getattr(exc, "orig", None) or exc
     return str(original).splitlines()[0][:200]
+
+
+def _write_sign_in_user(conn: Connection, plan: SignInPlan, now: datetime,
+                        record_login: bool) -> UserRecord:
+    """Create or update the user side of a sign-in inside ``conn``'s transaction."""
+    identity_values = {"provider": plan.provider, "subject": plan.subject,
+                       "email": plan.identity_email, "created_at": now, "last_login_at": now}
+    new = plan.new_user
+    if new is not None:
+        email = new.email.lower() if new.email else None
+        roles = normalise_roles(new.roles)
+        result = conn.execute(insert(schema.users), {
+            "username": new.username, "email": email, "display_name": new.display_name,
+            "roles": ",".join(roles), "disabled": False, "created_at": now, "last_login_at": now,
+        })
+        user_id = int(result.inserted_primary_key[0])
+        conn.execute(insert(schema.identities), {**identity_values, "user_id": user_id})
+        return UserRecord(id=user_id, username=new.username, email=email,
+                          display_name=new.display_name, roles=roles, disabled=False,
+                          created_at=now, last_login_at=now)
+
+    user = plan.user
+    if user is None:
+        raise ValueError("a sign-in plan needs user or new_user")
+    users = schema.users
+    changes: dict[str, Any] = {}
+    if plan.roles is not None:
+        user = replace(user, roles=normalise_roles(plan.roles))
+        changes["roles"] = ",".join(user.roles)
+    if record_login:
+        changes["last_login_at"] = now
+    if changes:
+        # A user disabled or deleted since the plan was read matches no row, so the caller
+        # plans the sign-in again.
+        updated = conn.execute(
+            update(users)
+            .where(users.c.id == user.id, users.c.disabled.is_(False))
+            .values(**changes)
+        )
+        if updated.rowcount != 1:
+            raise SignInConflict(f"user {user.id} was disabled or deleted during the sign-in")
+    if plan.link:
+        conn.execute(insert(schema.identities), {**identity_values, "user_id": user.id})
+    elif record_login:
+        identities = schema.identities
+        conn.execute(
+            update(identities)
+            .where(identities.c.provider == plan.provider, identities.c.subject == plan.subject)
+            .values(last_login_at=now)
+        )
+    return user
+
+
+def _is_memory_sqlite(database: str | None) -> bool:
+    return not database or database == ":memory:" or "mode=memory" in database
 
 
 def engine_url(url: str) -> str:
@@ -164,6 +274,10 @@ class Store:
         self.schema = schema
         self._engine: AsyncEngine | None = None
         self._write_lock = asyncio.Lock()
+        # File-backed SQLite runs each write transaction in one call to this thread, on a
+        # blocking engine, instead of one call to aiosqlite's thread per cursor operation.
+        self._writer_engine: Engine | None = None
+        self._writer: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> Store:
@@ -190,16 +304,13 @@ class Store:
                 kwargs["connect_args"] = {"server_settings": {"search_path": self.schema}}
         engine = create_async_engine(engine_url(self.url), **kwargs)
         if self.is_sqlite:
-            busy_ms = int(self.busy_timeout * 1000)
-
-            @event.listens_for(engine.sync_engine, "connect")
-            def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-                cursor.execute("PRAGMA foreign_keys=ON")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.close()
+            event.listen(engine.sync_engine, "connect", self._sqlite_pragmas)
+            if not _is_memory_sqlite(engine.url.database):
+                # An in-memory database exists once per connection, so it keeps to aiosqlite.
+                self._writer_engine = create_engine(
+                    engine.url.set(drivername="sqlite+pysqlite"), **kwargs)
+                event.listen(self._writer_engine, "connect", self._sqlite_pragmas)
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="moko-store-writer")
 
         self._engine = engine
         try:
@@ -207,6 +318,7 @@ class Store:
         except (OperationalError, OSError) as exc:
             self._engine = None
             await engine.dispose()
+            await self._close_writer()
             where = self.url.split("?", 1)[0] if self.is_sqlite else self.url.split("@")[-1]
             raise StoreError("open", f"cannot open the store at {where}: {_short(exc)}; "
                              "check store.url, that its folder exists and is writable, "
@@ -216,6 +328,25 @@ class Store:
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
+        await self._close_writer()
+
+    async def _close_writer(self) -> None:
+        if self._writer is None or self._writer_engine is None:
+            return
+        # Disposed in the writer thread, because SQLite connections belong to the thread
+        # that opened them.
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._writer_engine.dispose)
+        self._writer.shutdown()
+        self._writer = None
+        self._writer_engine = None
+
+    def _sqlite_pragmas(self, dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
 
     async def upgrade(self) -> int:
         """Apply pending migrations; return the schema version now in force."""
@@ -259,14 +390,99 @@ class Store:
             return int(current)
 
     async def ping(self) -> bool:
+        async def select_one(conn: AsyncConnection) -> None:
+            await conn.execute(select(1))
+
         try:
-            async with self.engine.connect() as conn:
-                await conn.execute(select(1))
+            await self._read(select_one)
         except (SQLAlchemyError, OSError, StoreError):
             return False
         return True
 
     # --- transactions ------------------------------------------------------
+
+    async def _read(self, action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``action`` on a pooled connection, once more on a new one if the first was dead.
+
+        The pool does not test a connection before handing it out, so after a
+        PostgreSQL restart or an idle-connection timeout the first query on each
+        old connection fails. SQLAlchemy then discards the pool's older connections,
+        and a read is safe to repeat.
+        """
+        try:
+            async with self.engine.connect() as conn:
+                return await action(conn)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            logger.warning("store_reconnect op=read error=%s", type(exc.orig).__name__)
+        async with self.engine.connect() as conn:
+            return await action(conn)
+
+    async def _first(self, query: Executable) -> Row[Any] | None:
+        async def run(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(query)).first()
+
+        return await self._read(run)
+
+    async def _all(self, query: Executable) -> Sequence[Row[Any]]:
+        async def run(conn: AsyncConnection) -> Sequence[Row[Any]]:
+            return (await conn.execute(query)).all()
+
+        return await self._read(run)
+
+    async def _scalar(self, query: Executable) -> Any:
+        async def run(conn: AsyncConnection) -> Any:
+            return (await conn.execute(query)).scalar()
+
+        return await self._read(run)
+
+    async def _transaction(self, body: Callable[[Connection], T]) -> T:
+        """Run ``body`` in one write transaction: all of its statements commit, or none.
+
+        ``body`` is blocking code on a SQLAlchemy ``Connection``. On a SQLite file
+        it runs in the writer thread, so the whole transaction costs one thread
+        switch. On PostgreSQL it runs through the async engine, and a transaction
+        whose connection turns out dead before COMMIT is sent is run once more on a
+        new connection. A failure during COMMIT is raised, because the outcome is
+        unknown. Raises whatever ``body`` raises, after rolling back.
+        """
+        if self._writer is not None:
+            async with self._write_lock:
+                return await self._run_in_writer(body)
+        if self.is_sqlite:
+            async with self._write_lock:
+                async with self.engine.begin() as conn:
+                    return await conn.run_sync(body)
+
+        committing = False
+        try:
+            async with self.engine.begin() as conn:
+                result = await conn.run_sync(body)
+                committing = True
+            return result
+        except DBAPIError as exc:
+            if committing or not exc.connection_invalidated:
+                raise
+            logger.warning("store_reconnect op=write error=%s", type(exc.orig).__name__)
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(body)
+
+    async def _run_in_writer(self, body: Callable[[Connection], T]) -> T:
+        assert self._writer is not None and self._writer_engine is not None
+        engine = self._writer_engine
+
+        def run() -> T:
+            with engine.begin() as conn:
+                return body(conn)
+
+        future = asyncio.get_running_loop().run_in_executor(self._writer, run)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: keep the write lock until its transaction ends.
+            await asyncio.wait([future])
+            raise
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -302,31 +518,26 @@ class Store:
             .join(schema.identities, schema.identities.c.user_id == schema.users.c.id)
             .where(schema.identities.c.provider == provider, schema.identities.c.subject == subject)
         )
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._first(query)
         return _user(row) if row else None
 
     async def user_by_email(self, email: str) -> UserRecord | None:
         query = select(schema.users).where(schema.users.c.email == email.lower())
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._first(query)
         return _user(row) if row else None
 
     async def user_by_id(self, user_id: int) -> UserRecord | None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(schema.users).where(schema.users.c.id == user_id))).first()
+        row = await self._first(select(schema.users).where(schema.users.c.id == user_id))
         return _user(row) if row else None
 
     async def user_by_username(self, username: str) -> UserRecord | None:
         query = select(schema.users).where(schema.users.c.username == username)
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._first(query)
         return _user(row) if row else None
 
     async def list_users(self, limit: int = 1000, offset: int = 0) -> list[UserRecord]:
         query = select(schema.users).order_by(schema.users.c.id).limit(limit).offset(offset)
-        async with self.engine.connect() as conn:
-            return [_user(row) for row in await conn.execute(query)]
+        return [_user(row) for row in await self._all(query)]
 
     async def identities_of(self, user_id: int) -> list[IdentityRecord]:
         query = (
@@ -334,8 +545,7 @@ class Store:
             .where(schema.identities.c.user_id == user_id)
             .order_by(schema.identities.c.id)
         )
-        async with self.engine.connect() as conn:
-            return [_identity(row) for row in await conn.execute(query)]
+        return [_identity(row) for row in await self._all(query)]
 
     async def create_user_with_identity(
         self,
@@ -352,27 +562,31 @@ class Store:
 
         Returns ``(user, True)`` when this call created the user. When another
         request created the same identity first, returns that user with
-        ``False``. Raises :class:`EmailTaken` when another user holds the email.
+        ``False``. Raises :class:`EmailTaken` when another user has the email.
         """
 
         async def attempt() -> tuple[UserRecord, bool]:
             now = utcnow()
+
+            def body(conn: Connection) -> int:
+                result = conn.execute(
+                    insert(schema.users).values(
+                        username=username, email=email.lower() if email else None,
+                        display_name=display_name, roles=_roles_to_text(roles),
+                        disabled=False, created_at=now, last_login_at=now,
+                    )
+                )
+                user_id = int(result.inserted_primary_key[0])
+                conn.execute(
+                    insert(schema.identities).values(
+                        user_id=user_id, provider=provider, subject=subject,
+                        email=identity_email, created_at=now, last_login_at=now,
+                    )
+                )
+                return user_id
+
             try:
-                async with self._write() as conn:
-                    result = await conn.execute(
-                        insert(schema.users).values(
-                            username=username, email=email.lower() if email else None,
-                            display_name=display_name, roles=_roles_to_text(roles),
-                            disabled=False, created_at=now, last_login_at=now,
-                        )
-                    )
-                    user_id = int(result.inserted_primary_key[0])
-                    await conn.execute(
-                        insert(schema.identities).values(
-                            user_id=user_id, provider=provider, subject=subject,
-                            email=identity_email, created_at=now, last_login_at=now,
-                        )
-                    )
+                user_id = await self._transaction(body)
             except IntegrityError:
                 return await self._resolve_create_conflict(provider, subject, email)
             user = await self.user_by_id(user_id)
@@ -401,21 +615,18 @@ class Store:
 
         async def attempt() -> IdentityRecord:
             now = utcnow()
+            statement = insert(schema.identities).values(
+                user_id=user_id, provider=provider, subject=subject, email=email,
+                created_at=now, last_login_at=now,
+            )
             try:
-                async with self._write() as conn:
-                    await conn.execute(
-                        insert(schema.identities).values(
-                            user_id=user_id, provider=provider, subject=subject, email=email,
-                            created_at=now, last_login_at=now,
-                        )
-                    )
+                await self._transaction(lambda conn: conn.execute(statement))
             except IntegrityError:
                 pass
             query = select(schema.identities).where(
                 schema.identities.c.provider == provider, schema.identities.c.subject == subject
             )
-            async with self.engine.connect() as conn:
-                row = (await conn.execute(query)).first()
+            row = await self._first(query)
             if row is None:
                 raise StoreError("link_identity", "user not found")
             if row.user_id != user_id:
@@ -432,9 +643,8 @@ class Store:
             query = delete(table).where(table.c.user_id == user_id, table.c.provider == provider)
             if subject is not None:
                 query = query.where(table.c.subject == subject)
-            async with self._write() as conn:
-                result = await conn.execute(query)
-                return int(result.rowcount or 0)
+            changed = await self._transaction(lambda conn: conn.execute(query).rowcount)
+            return int(changed or 0)
 
         return await self._retry("unlink_identity", attempt)
 
@@ -442,49 +652,120 @@ class Store:
         """Delete audit rows older than ``before``; return how many."""
 
         async def attempt() -> int:
-            async with self._write() as conn:
-                result = await conn.execute(
-                    delete(schema.audit_log).where(schema.audit_log.c.at < to_utc(before))
-                )
-                return int(result.rowcount or 0)
+            statement = (
+                delete(schema.audit_log).where(schema.audit_log.c.at < to_utc(before))
+            )
+            changed = await self._transaction(lambda conn: conn.execute(statement).rowcount)
+            return int(changed or 0)
 
         return await self._retry("prune_audit", attempt)
 
     async def record_login(self, user_id: int, provider: str, subject: str) -> None:
         async def attempt() -> None:
             now = utcnow()
-            async with self._write() as conn:
-                await conn.execute(
+
+            def body(conn: Connection) -> None:
+                conn.execute(
                     update(schema.users).where(schema.users.c.id == user_id).values(last_login_at=now)
                 )
-                await conn.execute(
+                conn.execute(
                     update(schema.identities)
                     .where(schema.identities.c.provider == provider,
                            schema.identities.c.subject == subject)
                     .values(last_login_at=now)
                 )
 
+            await self._transaction(body)
+
         await self._retry("record_login", attempt)
+
+    async def sign_in(
+        self,
+        plan: SignInPlan,
+        *,
+        record_login: bool = True,
+        session: SessionRow | None = None,
+        audit: Sequence[dict[str, Any]] = (),
+        finish: Callable[[UserRecord], T] | None = None,
+    ) -> tuple[UserRecord, T | None]:
+        """Write one sign-in in a single transaction and return its user and ``finish``'s result.
+
+        The transaction creates the user and identity of ``plan.new_user``, or
+        links the identity, replaces the roles and records the login time of
+        ``plan.user``. Then it inserts ``session`` and the ``audit`` rows, each
+        with the user's id. ``finish`` is called inside the transaction once the
+        user's id is known. On SQLite it runs in the writer thread, so it must be
+        quick blocking code, and an error it raises rolls everything back.
+
+        Raises :class:`SignInConflict` when a concurrent request changed the rows
+        the plan was made from (plan again), :class:`EmailTaken` when another user
+        holds a new user's email, and :class:`StoreError` for other failures. In
+        every case nothing was written.
+        """
+
+        def body(conn: Connection) -> tuple[UserRecord, T | None]:
+            now = utcnow()
+            user = _write_sign_in_user(conn, plan, now, record_login)
+            result = finish(user) if finish is not None else None
+            if session is not None:
+                conn.execute(insert(schema.sessions), {
+                    "id": session.id, "user_id": user.id, "provider": session.provider,
+                    "created_at": to_utc(session.created_at),
+                    "expires_at": to_utc(session.expires_at), "client_ip": session.client_ip,
+                    "user_agent": session.user_agent, "provider_sid": session.provider_sid,
+                })
+            if audit:
+                rows = [{**row, "user_id": user.id} for row in audit]
+                conn.execute(insert(schema.audit_log), rows)
+            return user, result
+
+        async def attempt() -> tuple[UserRecord, T | None]:
+            try:
+                return await self._transaction(body)
+            except IntegrityError as exc:
+                error = await self._sign_in_failure(plan, exc)
+            logger.info("sign_in_rejected provider=%s error=%s detail=%s", plan.provider,
+                        type(error).__name__, error.detail)
+            raise error
+
+        # A first sign-in keeps the operation name of create_user_with_identity in the logs.
+        return await self._retry("create_user" if plan.new_user else "sign_in", attempt)
+
+    async def _sign_in_failure(self, plan: SignInPlan, exc: IntegrityError) -> StoreError:
+        """Return the error for a sign-in whose transaction broke a constraint and rolled back."""
+        if plan.new_user is not None or plan.link:
+            if await self.user_for_identity(plan.provider, plan.subject) is not None:
+                return SignInConflict("another request linked the identity first")
+        if plan.new_user is not None:
+            email = plan.new_user.email
+            owner = await self.user_by_email(email) if email else None
+            if owner is not None:
+                return EmailTaken(owner.id)
+            if await self.user_by_username(plan.new_user.username) is not None:
+                return StoreError("create_user", "username is already taken")
+        elif plan.user is not None and await self.user_by_id(plan.user.id) is None:
+            return SignInConflict(f"user {plan.user.id} was deleted during the sign-in")
+        return StoreError("sign_in", _short(exc))
 
     async def set_disabled(self, user_id: int, disabled: bool) -> bool:
         async def attempt() -> bool:
-            async with self._write() as conn:
-                result = await conn.execute(
-                    update(schema.users).where(schema.users.c.id == user_id).values(disabled=disabled)
-                )
-                return bool(result.rowcount)
+            statement = (
+                update(schema.users).where(schema.users.c.id == user_id).values(disabled=disabled)
+            )
+            changed = await self._transaction(lambda conn: conn.execute(statement).rowcount)
+            return bool(changed)
 
         return await self._retry("set_disabled", attempt)
 
     async def set_roles(self, user_id: int, roles: Sequence[str]) -> bool:
         async def attempt() -> bool:
-            async with self._write() as conn:
-                result = await conn.execute(
-                    update(schema.users)
-                    .where(schema.users.c.id == user_id)
-                    .values(roles=_roles_to_text(roles))
-                )
-                return bool(result.rowcount)
+            statement = (
+                update(schema.users)
+                .where(schema.users.c.id == user_id)
+                .values(roles=_roles_to_text(roles))
+            )
+            changed = await self._transaction(lambda conn: conn.execute(statement).rowcount)
+            return bool(changed)
 
         return await self._retry("set_roles", attempt)
 
@@ -496,14 +777,12 @@ class Store:
         provider_sid: str | None = None,
     ) -> None:
         async def attempt() -> None:
-            async with self._write() as conn:
-                await conn.execute(
-                    insert(schema.sessions).values(
-                        id=session_id, user_id=user_id, provider=provider,
-                        created_at=to_utc(created_at), expires_at=to_utc(expires_at),
-                        client_ip=client_ip, user_agent=user_agent, provider_sid=provider_sid,
-                    )
-                )
+            statement = insert(schema.sessions).values(
+                id=session_id, user_id=user_id, provider=provider,
+                created_at=to_utc(created_at), expires_at=to_utc(expires_at),
+                client_ip=client_ip, user_agent=user_agent, provider_sid=provider_sid,
+            )
+            await self._transaction(lambda conn: conn.execute(statement))
 
         await self._retry("create_session", attempt)
 
@@ -524,23 +803,26 @@ class Store:
                 query = query.where(table.c.user_id == user_id)
             if provider_sid is not None:
                 query = query.where(table.c.provider_sid == provider_sid)
-            async with self._write() as conn:
-                ids = [row.id for row in await conn.execute(query)]
+
+            def body(conn: Connection) -> list[str]:
+                ids = [row.id for row in conn.execute(query)]
                 if ids:
-                    await conn.execute(update(table).where(table.c.id.in_(ids)).values(revoked_at=now))
-            return ids
+                    conn.execute(update(table).where(table.c.id.in_(ids)).values(revoked_at=now))
+                return ids
+
+            return await self._transaction(body)
 
         return await self._retry("revoke_provider_sessions", attempt)
 
     async def revoke_session(self, session_id: str) -> bool:
         async def attempt() -> bool:
-            async with self._write() as conn:
-                result = await conn.execute(
-                    update(schema.sessions)
-                    .where(schema.sessions.c.id == session_id, schema.sessions.c.revoked_at.is_(None))
-                    .values(revoked_at=utcnow())
-                )
-                return bool(result.rowcount)
+            statement = (
+                update(schema.sessions)
+                .where(schema.sessions.c.id == session_id, schema.sessions.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+            changed = await self._transaction(lambda conn: conn.execute(statement).rowcount)
+            return bool(changed)
 
         return await self._retry("revoke_session", attempt)
 
@@ -549,8 +831,9 @@ class Store:
 
         async def attempt() -> list[str]:
             now = utcnow()
-            async with self._write() as conn:
-                rows = await conn.execute(
+
+            def body(conn: Connection) -> list[str]:
+                rows = conn.execute(
                     select(schema.sessions.c.id).where(
                         schema.sessions.c.user_id == user_id,
                         schema.sessions.c.revoked_at.is_(None),
@@ -559,12 +842,14 @@ class Store:
                 )
                 ids = [row.id for row in rows]
                 if ids:
-                    await conn.execute(
+                    conn.execute(
                         update(schema.sessions)
                         .where(schema.sessions.c.id.in_(ids))
                         .values(revoked_at=now)
                     )
                 return ids
+
+            return await self._transaction(body)
 
         return await self._retry("revoke_user_sessions", attempt)
 
@@ -577,30 +862,26 @@ class Store:
         ).where(schema.sessions.c.revoked_at.is_not(None), schema.sessions.c.expires_at > utcnow())
         if since is not None:
             query = query.where(schema.sessions.c.revoked_at >= since)
-        async with self.engine.connect() as conn:
-            return [(row.id, row.expires_at, row.revoked_at) for row in await conn.execute(query)]
+        return [(row.id, row.expires_at, row.revoked_at) for row in await self._all(query)]
 
     async def count_active_sessions(self) -> int:
         table = schema.sessions
         query = select(func.count()).select_from(table).where(
             table.c.revoked_at.is_(None), table.c.expires_at > utcnow())
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(query)).scalar() or 0)
+        return int(await self._scalar(query) or 0)
 
     async def is_session_active(self, session_id: str) -> bool:
         query = select(schema.sessions.c.revoked_at, schema.sessions.c.expires_at).where(
             schema.sessions.c.id == session_id
         )
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._first(query)
         return row is not None and row.revoked_at is None and row.expires_at > utcnow()
 
     # --- audit log -----------------------------------------------------------
 
     async def add_audit(self, values: dict[str, Any]) -> None:
         async def attempt() -> None:
-            async with self._write() as conn:
-                await conn.execute(insert(schema.audit_log).values(**values))
+            await self._transaction(lambda conn: conn.execute(insert(schema.audit_log), values))
 
         await self._retry("add_audit", attempt)
 
@@ -621,8 +902,7 @@ class Store:
             query = query.where(table.c.event == filters.event)
         query = query.order_by(table.c.at.desc(), table.c.id.desc())
         query = query.limit(filters.limit).offset(filters.offset)
-        async with self.engine.connect() as conn:
-            return [AuditRecord(**row._asdict()) for row in await conn.execute(query)]
+        return [AuditRecord(**row._asdict()) for row in await self._all(query)]
 
     async def daily_sign_ins(self, since: datetime) -> list[tuple[str, str, int]]:
         """Return ``(day, outcome, count)`` of sign-in attempts since ``since``, by UTC day."""
@@ -635,15 +915,13 @@ class Store:
             .group_by(day, table.c.outcome)
             .order_by(day)
         )
-        async with self.engine.connect() as conn:
-            return [(str(row.day), row.outcome, int(row.n)) for row in await conn.execute(query)]
+        return [(str(row.day), row.outcome, int(row.n)) for row in await self._all(query)]
 
     async def count_audit(self, event: str | None = None) -> int:
         query = select(func.count()).select_from(schema.audit_log)
         if event is not None:
             query = query.where(schema.audit_log.c.event == event)
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(query)).scalar() or 0)
+        return int(await self._scalar(query) or 0)
 
 
 __all__ = [
