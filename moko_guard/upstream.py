@@ -17,6 +17,7 @@ its connection is closed rather than reused.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -36,6 +37,19 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
+# RFC 9110 section 5.6.2: a header name is a token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than horizontal tab (RFC 9110 section 5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _Default:
+    """The type of :data:`DEFAULT`: "use the pool's setting" for an optional argument."""
+
+
+DEFAULT = _Default()
+
+
 class UpstreamError(Exception):
     """The upstream did not return a usable response."""
 
@@ -52,6 +66,14 @@ class UpstreamUnreachable(UpstreamError):
     """The connection failed or closed before the response was complete."""
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The TCP or TLS connection was not set up within the connect timeout."""
+
+
+class UpstreamConnectError(UpstreamUnreachable):
+    """The TCP or TLS connection could not be set up."""
+
+
 class UpstreamProtocolError(UpstreamUnreachable):
     """The upstream's response is not valid HTTP/1.1."""
 
@@ -64,9 +86,17 @@ class _Connection:
         self.writer = writer
         self.idle_since = 0.0
 
-    def closed(self) -> bool:
-        """True when the upstream has closed its side, or the socket is gone."""
-        return self.writer.is_closing() or self.reader.at_eof()
+    def unusable(self) -> bool:
+        """True when the upstream has closed its side, the socket is gone, or bytes wait unread.
+
+        Bytes on an idle connection belong to no request (a ``408`` the upstream sent
+        before closing, or data beyond the last response's end), so they would be
+        taken as the next request's response.
+        """
+        # StreamReader has no public way to see its buffer; _buffer has been its name
+        # since asyncio's first release.
+        return (self.writer.is_closing() or self.reader.at_eof()
+                or bool(getattr(self.reader, "_buffer", b"")))
 
     def close(self) -> None:
         self.writer.transport.abort()
@@ -79,12 +109,13 @@ class UpstreamResponse:
                  "_chunked", "_until_close", "_keep_alive", "_done", "_released", "_prefetched")
 
     def __init__(self, pool: UpstreamPool, connection: _Connection, status: int,
-                 headers: RawHeaders, *, no_body: bool, keep_alive: bool) -> None:
+                 headers: RawHeaders, *, no_body: bool, keep_alive: bool,
+                 timeout: float | None) -> None:
         self.status = status
         self.headers = headers
         self._pool = pool
         self._connection = connection
-        self._timeout = pool.timeout
+        self._timeout = timeout
         self._remaining = 0
         self._chunked = False
         self._until_close = False
@@ -102,7 +133,11 @@ class UpstreamResponse:
             last = b",".join(codings).split(b",")[-1].strip().lower()
             self._chunked = last == b"chunked"
             self._until_close = not self._chunked
-            # A Content-Length beside Transfer-Encoding may be a smuggling attempt: never reuse.
+            # A Content-Length beside Transfer-Encoding may be a smuggling attempt, so the
+            # connection is not reused and the length, which the body does not have, is dropped.
+            if lengths:
+                self.headers = [(name, value) for name, value in headers
+                                if name != b"content-length"]
             if lengths or self._until_close:
                 self._keep_alive = False
             return
@@ -209,8 +244,8 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive HTTP/1.1 connections to one upstream origin."""
 
-    def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float,
-                 timeout: float, max_connections: int = 256, max_idle: int = 64,
+    def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float | None,
+                 timeout: float | None, max_connections: int = 256, max_idle: int = 64,
                  idle_expiry: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
@@ -240,8 +275,9 @@ class UpstreamPool:
             self._discard(self._idle.pop())
 
     async def request(self, method: bytes, target: bytes, headers: RawHeaders,
-                      body: bytes | AsyncIterator[bytes] = b"", *,
-                      chunked: bool = False) -> UpstreamResponse:
+                      body: bytes | AsyncIterator[bytes] = b"", *, chunked: bool = False,
+                      timeout: float | None | _Default = DEFAULT,
+                      connect_timeout: float | None | _Default = DEFAULT) -> UpstreamResponse:
         """Send one request and return once the response's status and headers arrived.
 
         ``body`` is either the whole body or an iterator of its pieces; with
@@ -249,21 +285,30 @@ class UpstreamPool:
         sets the framing header (``Content-Length`` or ``Transfer-Encoding``).
         The connection goes back to the pool when the caller has read the body
         to its end, or is closed by :meth:`UpstreamResponse.abort`.
+
+        ``timeout`` and ``connect_timeout`` replace the pool's for this request;
+        None means no limit.
         """
-        await self._take_slot()
+        if isinstance(timeout, _Default):
+            timeout = self.timeout
+        if isinstance(connect_timeout, _Default):
+            connect_timeout = self.connect_timeout
+        await self._take_slot(timeout)
         try:
             head = _request_head(method, target, headers)
             # A request with a streamed body cannot be sent twice.
             retry = isinstance(body, bytes) and method in IDEMPOTENT_METHODS
+            connection, reused = await self._connection(connect_timeout)
             while True:
-                connection, reused = await self._connection()
                 try:
-                    return await self._exchange(connection, method, head, body, chunked)
+                    return await self._exchange(connection, method, head, body, chunked, timeout)
                 except _StaleConnection:
                     self._discard(connection)
                     if not (reused and retry):
                         raise UpstreamUnreachable("the upstream closed the connection") from None
+                    # Other idle connections may be just as stale: the retry opens a new one.
                     retry = False
+                    connection, reused = await self._connect(connect_timeout), False
                 except BaseException:
                     self._discard(connection)
                     raise
@@ -271,36 +316,36 @@ class UpstreamPool:
             self._slots.release()
             raise
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self, timeout: float | None) -> None:
         if not self._slots.locked():
             await self._slots.acquire()
             return
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 await self._slots.acquire()
         except TimeoutError:
             raise UpstreamBusy("no upstream connection became free") from None
 
-    async def _connection(self) -> tuple[_Connection, bool]:
+    async def _connection(self, connect_timeout: float | None) -> tuple[_Connection, bool]:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if connection.closed() or now - connection.idle_since > self.idle_expiry:
+            if connection.unusable() or now - connection.idle_since > self.idle_expiry:
                 self._discard(connection)
                 continue
             return connection, True
-        return await self._connect(), False
+        return await self._connect(connect_timeout), False
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, connect_timeout: float | None) -> _Connection:
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(connect_timeout):
                 reader, writer = await asyncio.open_connection(
                     self.host, self.port, ssl=self.tls, limit=MAX_HEAD_SIZE,
                     server_hostname=self.host if self.tls else None)
         except TimeoutError:
-            raise UpstreamTimeout("connecting to the upstream") from None
+            raise UpstreamConnectTimeout("connecting to the upstream") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnreachable(f"connecting to the upstream: {type(exc).__name__}") from None
+            raise UpstreamConnectError(f"connecting to the upstream: {type(exc).__name__}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             try:
@@ -311,15 +356,16 @@ class UpstreamPool:
         return _Connection(reader, writer)
 
     async def _exchange(self, connection: _Connection, method: bytes, head: bytes,
-                        body: bytes | AsyncIterator[bytes], chunked: bool) -> UpstreamResponse:
+                        body: bytes | AsyncIterator[bytes], chunked: bool,
+                        timeout: float | None) -> UpstreamResponse:
         writer = connection.writer
         try:
             if isinstance(body, bytes):
                 writer.write(head + body if body else head)
-                await self._drain(writer)
+                await self._drain(writer, timeout)
             else:
                 writer.write(head)
-                await self._send_stream(writer, body, chunked)
+                await self._send_stream(writer, body, chunked, timeout)
         except (ConnectionResetError, BrokenPipeError):
             raise _StaleConnection from None
         except OSError as exc:
@@ -327,13 +373,13 @@ class UpstreamPool:
         reader = connection.reader
         response: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 status, version, headers = await _read_head(reader)
                 keep_alive = (version == b"HTTP/1.1" and not self._closed
                               and not _has_token(headers, b"connection", b"close"))
                 no_body = method == b"HEAD" or status in NO_BODY_STATUSES
                 response = UpstreamResponse(self, connection, status, headers, no_body=no_body,
-                                            keep_alive=keep_alive)
+                                            keep_alive=keep_alive, timeout=timeout)
                 # A short body of known length is read at once: the usual response then
                 # needs one timeout and one read, and the caller gets it whole.
                 if response._remaining and response._remaining <= CHUNK_SIZE:
@@ -354,33 +400,36 @@ class UpstreamPool:
         except OSError as exc:
             raise UpstreamUnreachable(f"reading the response: {type(exc).__name__}") from None
 
-    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+    async def _drain(self, writer: asyncio.StreamWriter, timeout: float | None) -> None:
         if not writer.transport.get_write_buffer_size():
             # Everything went to the socket already; an error shows when the response is read.
             return
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 await writer.drain()
         except TimeoutError:
             raise UpstreamTimeout("sending the request") from None
 
     async def _send_stream(self, writer: asyncio.StreamWriter, body: AsyncIterator[bytes],
-                           chunked: bool) -> None:
+                           chunked: bool, timeout: float | None) -> None:
         """Send the body's pieces as the client sends them; each write has its own timeout."""
         async for piece in body:
+            if not piece:
+                # An empty chunk would end a chunked body.
+                continue
             if chunked:
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             else:
                 writer.write(piece)
-            await self._drain(writer)
+            await self._drain(writer, timeout)
         if chunked:
             writer.write(b"0\r\n\r\n")
-            await self._drain(writer)
+            await self._drain(writer, timeout)
 
     def _put_back(self, connection: _Connection, *, reusable: bool) -> None:
         self._slots.release()
         if (reusable and not self._closed and len(self._idle) < self.max_idle
-                and not connection.closed()):
+                and not connection.unusable()):
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
@@ -426,12 +475,12 @@ def _parse_head(block: bytes) -> tuple[int, bytes, RawHeaders]:
     headers: RawHeaders = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        # No folded lines, no space before the colon, no bare CR, LF or NUL that a
-        # client would read as the end of a header.
-        if (not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t")
-                or b"\n" in line or b"\r" in line or b"\x00" in line):
+        value = value.strip(b" \t")
+        # The name must be a token (no space, no folded line) and the value free of control
+        # characters, or a client, or the server relaying the response, could misread it.
+        if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
             raise UpstreamProtocolError("a response header line is malformed")
-        headers.append((name.lower(), value.strip(b" \t")))
+        headers.append((name.lower(), value))
     return int(code), parts[0], headers
 
 

@@ -350,3 +350,38 @@ async def test_parallel_first_sign_ins_create_one_user(harness: GuardHarness) ->
     successes = await harness.guard.store.list_audit(AuditFilter(event="login.success"))
     assert len(provisioned) == 1
     assert len(successes) == 5
+
+
+async def test_complete_id_token_skips_userinfo(harness: GuardHarness) -> None:
+    """An ID token with email, email_verified, name and preferred_username needs no userinfo call."""
+    harness.idp.userinfo = {"sub": "someone-else"}  # would fail the sign-in if it were read
+
+    response = await harness.sign_in("/deals")
+
+    assert response.status_code == 302
+    echo = (await harness.client.get("/deals")).json()
+    assert echo["headers"]["x-auth-request-preferred-username"] == "alice"
+
+
+async def test_missing_id_token_claim_fetches_userinfo(harness: GuardHarness) -> None:
+    harness.idp.extra_claims = {"preferred_username": None}
+    harness.idp.userinfo = {"sub": "alice-sub", "preferred_username": "alice.from.userinfo",
+                            "email": "ignored@example.com"}
+
+    response = await harness.sign_in("/deals")
+
+    assert response.status_code == 302
+    echo = (await harness.client.get("/deals")).json()
+    assert echo["headers"]["x-auth-request-preferred-username"] == "alice.from.userinfo"
+    # The ID token's claims win over userinfo's.
+    assert echo["headers"]["x-auth-request-email"] == "alice@example.com"
+
+
+async def test_userinfo_subject_mismatch_rejected(harness: GuardHarness) -> None:
+    harness.idp.extra_claims = {"name": None}
+    harness.idp.userinfo = {"sub": "someone-else", "name": "Mallory"}
+
+    response = await harness.sign_in("/deals")
+
+    assert page_reason(response) == "token_invalid"
+    assert await harness.audit_reasons() == ["token_invalid"]

@@ -1615,6 +1615,8 @@ async def test_every_provider_call_has_bounded_timeout(
         response: httpx.Response = idp_router.handler(request)
         return response
 
+    # Without preferred_username in the ID token, the guard also calls userinfo.
+    idp.extra_claims = {"preferred_username": None}
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     guard = Guard(make_settings(), http_client=http)
     try:

@@ -20,6 +20,7 @@ import respx
 from support.fake_idp import FakeIdp
 from support.loopback import HOST, free_port, raw_request, wait_for_port
 from support.proxy_stack import ProxyStack, Upstream, running_proxy, running_upstream
+from support.raw_http import Peer, RawServer, replying
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
@@ -749,3 +750,72 @@ async def test_native_login_blocked_before_upstream(make_proxy: ProxyFactory,
     assert auth.status_code == 403
     assert upstream.requests == []
     assert [record.reason for record in denied] == ["sso_only"] * 4
+
+
+# --- upstream connection failures ------------------------------------------------------
+
+MALFORMED_UPSTREAM_HEADERS = [
+    pytest.param(b"X-Folded: a\r\n b\r\n", id="obs_fold"),
+    pytest.param(b"X-Spaced : a\r\n", id="space_before_colon"),
+    pytest.param(b"X-Nul: a\x00b\r\n", id="nul_in_value"),
+    pytest.param(b"X-Bare: a\nX-Injected: b\r\n", id="bare_lf"),
+    pytest.param(b"X-Bad Name: a\r\n", id="space_inside_name"),
+    pytest.param(b"X-Control: a\x01b\r\n", id="control_character_in_value"),
+]
+
+
+@pytest.mark.parametrize("header", MALFORMED_UPSTREAM_HEADERS)
+async def test_malformed_upstream_header_gives_502(make_proxy: ProxyFactory,
+                                                   header: bytes) -> None:
+    """The client gets the 502 page, never a response header it could misread."""
+    response_bytes = b"HTTP/1.1 200 OK\r\n" + header + b"Content-Length: 2\r\n\r\nok"
+    async with RawServer(replying(response_bytes)) as server:
+        stack = await make_proxy(f"http://{HOST}:{server.port}")
+
+        response = await stack.client.get("/public/page", headers={"Accept": "text/html"})
+
+    assert response.status_code == 502
+    assert "cannot be reached" in response.text
+    header_names = {name.lower() for name in response.headers}
+    assert not header_names & {"x-folded", "x-spaced", "x-nul", "x-bare", "x-injected",
+                               "x-bad name", "x-control"}
+
+
+@pytest.mark.parametrize("closed_on_next_request", [False, True],
+                         ids=["closed_while_idle", "closed_on_next_request"])
+async def test_upstream_closing_idle_connection_gives_no_502(
+    make_proxy: ProxyFactory, closed_on_next_request: bool
+) -> None:
+    """An upstream that ends a kept-alive connection does not fail the next GET."""
+    async def answer_once(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % peer.number)
+        if closed_on_next_request:
+            await peer.read_request()
+        peer.close()
+
+    async with RawServer(answer_once) as server:
+        stack = await make_proxy(f"http://{HOST}:{server.port}")
+
+        first = await stack.client.get("/public/first")
+        await asyncio.sleep(0.05)
+        second = await stack.client.get("/public/second")
+
+    assert first.status_code == 200
+    assert first.text == "0"
+    assert second.status_code == 200
+    assert second.text == "1"
+
+
+async def test_upstream_length_beside_chunked_not_relayed(make_proxy: ProxyFactory) -> None:
+    """With both framings the upstream's Content-Length is wrong, so the client never gets it."""
+    response_bytes = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                      b"5\r\nhello\r\n0\r\n\r\n")
+    async with RawServer(replying(response_bytes)) as server:
+        stack = await make_proxy(f"http://{HOST}:{server.port}")
+
+        response = await raw_request(stack.port, "/public/page")
+
+    assert response.status == 200
+    assert response.body == b"hello"
+    assert response.header("content-length") in (None, "5")

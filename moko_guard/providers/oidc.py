@@ -34,6 +34,12 @@ def _claim_bool(claims: dict[str, Any], name: str) -> bool:
     return value is True or value == "true"
 
 
+# The claims identity_from_claims reads that userinfo may add. An ID token that carries all
+# of them needs no userinfo call ("groups" is read too, but only the microsoft type uses it,
+# and that type makes its own calls).
+USERINFO_CLAIMS = frozenset({"email", "email_verified", "name", "preferred_username"})
+
+
 def identity_from_claims(provider_id: str, claims: dict[str, Any]) -> Identity:
     groups = claims.get("groups")
     group_list = tuple(str(g) for g in groups) if isinstance(groups, list) else ()
@@ -205,12 +211,15 @@ class OidcProvider:
         tokens = await self._exchange_code(metadata, code, redirect_uri, code_verifier)
         claims = await self._id_token_claims(tokens, nonce)
 
+        present = {k: v for k, v in claims.items() if v is not None}
+        if USERINFO_CLAIMS <= present.keys():
+            # The ID token's claims win over userinfo's, so userinfo could add nothing used.
+            return identity_from_claims(self.id, present)
         access_token = tokens.get("access_token")
         userinfo = await self._fetch_userinfo(
             metadata, access_token if isinstance(access_token, str) else "", claims["sub"]
         )
-        merged = {**userinfo, **{k: v for k, v in claims.items() if v is not None}}
-        return identity_from_claims(self.id, merged)
+        return identity_from_claims(self.id, {**userinfo, **present})
 
     async def validate_logout_token(self, token: str, replays: ReplayCache) -> LogoutRequest:
         """Check a back-channel logout token from this provider."""
