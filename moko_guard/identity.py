@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Principal:
     preferred_username: str | None
     issued_at: float
     expires_at: float
-    extra: dict[str, str] = field(default_factory=dict)
+    # Read-only, so that the requests of one session can share the Principal.
+    extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -40,13 +40,18 @@ POLL_LOOKBACK = 60.0
 OPENED_COOKIE_CACHE_SIZE = 4096
 
 # The Principal fields a sealed session cookie carries, in the order _open_fields returns them.
-_PrincipalFields = tuple[str, int, str, str | None, tuple[str, ...], str, str | None, float, float]
-
 
 @dataclass(frozen=True)
 class SessionCheck:
     principal: Principal | None
     reason: str | None  # why the cookie was not accepted: "tampered", "expired", "revoked"
+
+
+# The refusals are the same for every request, so each is one shared object.
+_NO_COOKIE = SessionCheck(None, None)
+_TAMPERED = SessionCheck(None, "tampered")
+_EXPIRED = SessionCheck(None, "expired")
+_REVOKED = SessionCheck(None, "revoked")
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class SessionManager:
         self.on_poll: list[Callable[[], Awaitable[None]]] = []
         # Cookie value -> its opened fields. Valid only for the sealer that opened them, so a
         # key rotation (a new self.sealer) empties it; expiry and revocation are checked per call.
-        self._opened: dict[str, _PrincipalFields] = {}
+        self._opened: dict[str, SessionCheck] = {}
         self._opened_by: Sealer | None = None
 
     def rotate(self, secrets_: Sequence[str]) -> None:
@@ -189,52 +194,51 @@ class SessionManager:
                              f"session cookie of {len(sealed)} bytes for {len(user.roles)} roles")
         return sealed, principal
 
-    def _open_fields(self, cookie_value: str) -> _PrincipalFields:
-        """Return the Principal fields sealed in a cookie, from the cache when this sealer opened it.
+    def _open(self, cookie_value: str) -> SessionCheck:
+        """Return the accepted check of a cookie, from the cache when this sealer opened it.
 
-        Raises SealError, KeyError, TypeError, ValueError or OverflowError for a cookie that
-        does not open or contains a field of the wrong type.
-        Only cookies that opened are cached, so a bad cookie costs a full open every time.
+        The check carries the Principal sealed in the cookie; expiry and revocation
+        are not part of it. Raises SealError, KeyError, TypeError, ValueError or
+        OverflowError for a cookie that does not open or contains a field of the
+        wrong type. Only cookies that opened are cached, so a bad cookie costs a
+        full open every time.
         """
         if self._opened_by is not self.sealer:
             self._opened.clear()
             self._opened_by = self.sealer
-        fields = self._opened.get(cookie_value)
-        if fields is not None:
-            return fields
+        opened = self._opened.get(cookie_value)
+        if opened is not None:
+            return opened
         data = self.sealer.open(cookie_value, SESSION_PURPOSE)
-        fields = (
-            str(data["sid"]), int(data["uid"]), str(data["usr"]),
-            data["eml"] if isinstance(data.get("eml"), str) else None,
-            tuple(str(r) for r in data["rol"]), str(data["prv"]),
-            data["pun"] if isinstance(data.get("pun"), str) else None,
-            float(data["iat"]), float(data["exp"]),
+        # Principal is frozen and its fields immutable, so requests of one session share it.
+        principal = Principal(
+            session_id=str(data["sid"]), user_id=int(data["uid"]), username=str(data["usr"]),
+            email=data["eml"] if isinstance(data.get("eml"), str) else None,
+            roles=tuple(str(r) for r in data["rol"]), provider=str(data["prv"]),
+            preferred_username=data["pun"] if isinstance(data.get("pun"), str) else None,
+            issued_at=float(data["iat"]), expires_at=float(data["exp"]),
         )
+        opened = SessionCheck(principal, None)
         if len(self._opened) >= OPENED_COOKIE_CACHE_SIZE:
             del self._opened[next(iter(self._opened))]
-        self._opened[cookie_value] = fields
-        return fields
+        self._opened[cookie_value] = opened
+        return opened
 
     def check(self, cookie_value: str | None) -> SessionCheck:
         """Open a session cookie; the hot path: no I/O."""
         if not cookie_value:
-            return SessionCheck(None, None)
+            return _NO_COOKIE
         try:
-            (session_id, user_id, username, email, roles, provider, preferred_username, issued_at,
-             expires_at) = self._open_fields(cookie_value)
+            opened = self._open(cookie_value)
         except (SealError, KeyError, TypeError, ValueError, OverflowError):
-            return SessionCheck(None, "tampered")
-        # A new Principal per call, so no request shares a mutable object with another.
-        principal = Principal(
-            session_id=session_id, user_id=user_id, username=username, email=email, roles=roles,
-            provider=provider, preferred_username=preferred_username, issued_at=issued_at,
-            expires_at=expires_at,
-        )
+            return _TAMPERED
+        principal = opened.principal
+        assert principal is not None
         if self.clock() >= principal.expires_at:
-            return SessionCheck(None, "expired")
+            return _EXPIRED
         if principal.session_id in self.revoked:
-            return SessionCheck(None, "revoked")
-        return SessionCheck(principal, None)
+            return _REVOKED
+        return opened
 
     async def revoke(self, principal: Principal) -> None:
         self.revoked.add(principal.session_id, principal.expires_at)
