@@ -36,7 +36,7 @@ from .identity import Identity, Principal
 from .logout import ReplayCache
 from .logs import request_id_var
 from .metrics import GuardMetrics
-from .outbound import PooledTransport
+from .outbound import provider_client
 from .paths import AmbiguousPath, is_public, matches_prefix, normalise_path, path_variants
 from .policy import SignInPolicy
 from .providers import Provider, build_provider
@@ -95,10 +95,7 @@ class Guard:
             poll_interval=settings.session.revocation_poll_interval, clock=clock,
         )
         self.flows = FlowManager(self.sessions.sealer, clock)
-        self.http = http_client or httpx.AsyncClient(
-            follow_redirects=False, headers={"User-Agent": "moko-guard"},
-            transport=PooledTransport(),
-        )
+        self.http = http_client or provider_client()
         self._owns_http = http_client is None
         self.providers: dict[str, Provider] = {
             p.id: build_provider(p, self.http) for p in settings.providers

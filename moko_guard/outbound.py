@@ -10,14 +10,18 @@ connections are taken and put back in constant time.
 
 The transport honours httpx's per-request timeouts and maps the pool's errors
 to httpx's exceptions, so the providers' error handling stays the same.
-Proxies from the environment (``HTTPS_PROXY`` and the like) still work:
-httpx sends the URLs they cover through its own proxy transport.
+
+httpx reads proxies from the environment (``HTTP_PROXY``, ``HTTPS_PROXY``,
+``ALL_PROXY``) only for a client built without its own transport. So
+:func:`provider_client` uses httpx's default transport whenever one of them
+is set, and a guard behind an outbound proxy reaches its providers as before.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator
 
 import certifi
@@ -25,6 +29,7 @@ import httpx
 
 from .upstream import (
     UpstreamBusy,
+    UpstreamClosed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -32,6 +37,7 @@ from .upstream import (
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeout,
+    UpstreamWriteTimeout,
 )
 
 # Connections to one provider origin: at most this many at once, and this many kept idle.
@@ -58,11 +64,13 @@ def _map_error(exc: UpstreamError, request: httpx.Request) -> httpx.TransportErr
         return httpx.PoolTimeout(message, request=request)
     if isinstance(exc, UpstreamConnectTimeout):
         return httpx.ConnectTimeout(message, request=request)
+    if isinstance(exc, UpstreamWriteTimeout):
+        return httpx.WriteTimeout(message, request=request)
     if isinstance(exc, UpstreamTimeout):
         return httpx.ReadTimeout(message, request=request)
     if isinstance(exc, UpstreamConnectError):
         return httpx.ConnectError(message, request=request)
-    if isinstance(exc, UpstreamProtocolError):
+    if isinstance(exc, (UpstreamProtocolError, UpstreamClosed)):
         return httpx.RemoteProtocolError(message, request=request)
     return httpx.ReadError(message, request=request)
 
@@ -130,6 +138,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             response = await pool.request(
                 request.method.encode("ascii"), request.url.raw_path, headers, body,
                 timeout=timeouts.get("read"), connect_timeout=timeouts.get("connect"),
+                write_timeout=timeouts.get("write"), pool_timeout=timeouts.get("pool"),
             )
         except UpstreamError as exc:
             raise _map_error(exc, request) from None
@@ -141,3 +150,16 @@ class PooledTransport(httpx.AsyncBaseTransport):
         for pool in self._pools.values():
             await pool.aclose()
         self._pools.clear()
+
+
+def environment_names_proxy() -> bool:
+    """Return True when HTTP_PROXY, HTTPS_PROXY or ALL_PROXY (any case) names a proxy."""
+    proxies = urllib.request.getproxies_environment()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
+def provider_client() -> httpx.AsyncClient:
+    """Build the guard's client for provider calls: pooled, or httpx's own behind a proxy."""
+    transport = None if environment_names_proxy() else PooledTransport()
+    return httpx.AsyncClient(follow_redirects=False, headers={"User-Agent": "moko-guard"},
+                             transport=transport)

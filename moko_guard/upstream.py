@@ -66,6 +66,14 @@ class UpstreamUnreachable(UpstreamError):
     """The connection failed or closed before the response was complete."""
 
 
+class UpstreamClosed(UpstreamUnreachable):
+    """The upstream closed the connection before the response was complete."""
+
+
+class UpstreamWriteTimeout(UpstreamTimeout):
+    """Sending the request stalled for longer than the write timeout."""
+
+
 class UpstreamConnectTimeout(UpstreamTimeout):
     """The TCP or TLS connection was not set up within the connect timeout."""
 
@@ -178,7 +186,10 @@ class UpstreamResponse:
         except UpstreamError:
             self.abort()
             raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except asyncio.IncompleteReadError:
+            self.abort()
+            raise UpstreamClosed("the upstream closed inside the response body") from None
+        except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
             self.abort()
             raise UpstreamUnreachable(f"response body: {type(exc).__name__}") from None
         if self._done:
@@ -199,7 +210,7 @@ class UpstreamResponse:
         else:
             data = await reader.read(CHUNK_SIZE)
             if not data:
-                raise UpstreamUnreachable("the upstream closed before the end of the body")
+                raise UpstreamClosed("the upstream closed before the end of the body")
         self._remaining -= len(data)
         self._done = self._remaining == 0
         return data
@@ -221,7 +232,7 @@ class UpstreamResponse:
             self._remaining = size
         data = await reader.read(min(self._remaining, CHUNK_SIZE))
         if not data:
-            raise UpstreamUnreachable("the upstream closed inside a chunk")
+            raise UpstreamClosed("the upstream closed inside a chunk")
         self._remaining -= len(data)
         if self._remaining == 0 and await reader.readexactly(2) != b"\r\n":
             raise UpstreamProtocolError("chunk data is not followed by CRLF")
@@ -277,7 +288,9 @@ class UpstreamPool:
     async def request(self, method: bytes, target: bytes, headers: RawHeaders,
                       body: bytes | AsyncIterator[bytes] = b"", *, chunked: bool = False,
                       timeout: float | None | _Default = DEFAULT,
-                      connect_timeout: float | None | _Default = DEFAULT) -> UpstreamResponse:
+                      connect_timeout: float | None | _Default = DEFAULT,
+                      write_timeout: float | None | _Default = DEFAULT,
+                      pool_timeout: float | None | _Default = DEFAULT) -> UpstreamResponse:
         """Send one request and return once the response's status and headers arrived.
 
         ``body`` is either the whole body or an iterator of its pieces; with
@@ -286,14 +299,19 @@ class UpstreamPool:
         The connection goes back to the pool when the caller has read the body
         to its end, or is closed by :meth:`UpstreamResponse.abort`.
 
-        ``timeout`` and ``connect_timeout`` replace the pool's for this request;
-        None means no limit.
+        ``timeout`` (reading) and ``connect_timeout`` replace the pool's for this
+        request. ``write_timeout`` (each write) and ``pool_timeout`` (waiting for
+        a free connection) default to ``timeout``. None means no limit.
         """
         if isinstance(timeout, _Default):
             timeout = self.timeout
         if isinstance(connect_timeout, _Default):
             connect_timeout = self.connect_timeout
-        await self._take_slot(timeout)
+        if isinstance(write_timeout, _Default):
+            write_timeout = timeout
+        if isinstance(pool_timeout, _Default):
+            pool_timeout = timeout
+        await self._take_slot(pool_timeout)
         try:
             head = _request_head(method, target, headers)
             # A request with a streamed body cannot be sent twice.
@@ -301,11 +319,14 @@ class UpstreamPool:
             connection, reused = await self._connection(connect_timeout)
             while True:
                 try:
-                    return await self._exchange(connection, method, head, body, chunked, timeout)
-                except _StaleConnection:
+                    return await self._exchange(connection, method, head, body, chunked, timeout,
+                                                write_timeout)
+                except _StaleConnection as stale:
                     self._discard(connection)
                     if not (reused and retry):
-                        raise UpstreamUnreachable("the upstream closed the connection") from None
+                        if stale.reset:
+                            raise UpstreamUnreachable("the upstream reset the connection") from None
+                        raise UpstreamClosed("the upstream closed the connection") from None
                     # Other idle connections may be just as stale: the retry opens a new one.
                     retry = False
                     connection, reused = await self._connect(connect_timeout), False
@@ -357,17 +378,17 @@ class UpstreamPool:
 
     async def _exchange(self, connection: _Connection, method: bytes, head: bytes,
                         body: bytes | AsyncIterator[bytes], chunked: bool,
-                        timeout: float | None) -> UpstreamResponse:
+                        timeout: float | None, write_timeout: float | None) -> UpstreamResponse:
         writer = connection.writer
         try:
             if isinstance(body, bytes):
                 writer.write(head + body if body else head)
-                await self._drain(writer, timeout)
+                await self._drain(writer, write_timeout)
             else:
                 writer.write(head)
-                await self._send_stream(writer, body, chunked, timeout)
+                await self._send_stream(writer, body, chunked, write_timeout)
         except (ConnectionResetError, BrokenPipeError):
-            raise _StaleConnection from None
+            raise _StaleConnection(reset=True) from None
         except OSError as exc:
             raise UpstreamUnreachable(f"sending the request: {type(exc).__name__}") from None
         reader = connection.reader
@@ -391,10 +412,10 @@ class UpstreamPool:
             raise UpstreamTimeout("waiting for the response") from None
         except asyncio.IncompleteReadError as exc:
             if not exc.partial and response is None:
-                raise _StaleConnection from None
-            raise UpstreamUnreachable("the upstream closed inside the response") from None
+                raise _StaleConnection(reset=False) from None
+            raise UpstreamClosed("the upstream closed inside the response") from None
         except ConnectionResetError:
-            raise _StaleConnection from None
+            raise _StaleConnection(reset=True) from None
         except asyncio.LimitOverrunError:
             raise UpstreamProtocolError("the response head is too large") from None
         except OSError as exc:
@@ -408,7 +429,7 @@ class UpstreamPool:
             async with asyncio.timeout(timeout):
                 await writer.drain()
         except TimeoutError:
-            raise UpstreamTimeout("sending the request") from None
+            raise UpstreamWriteTimeout("sending the request") from None
 
     async def _send_stream(self, writer: asyncio.StreamWriter, body: AsyncIterator[bytes],
                            chunked: bool, timeout: float | None) -> None:
@@ -442,6 +463,10 @@ class UpstreamPool:
 
 class _StaleConnection(Exception):
     """The connection closed before any byte of the response: the request may be sent again."""
+
+    def __init__(self, *, reset: bool) -> None:
+        super().__init__()
+        self.reset = reset
 
 
 def _request_head(method: bytes, target: bytes, headers: RawHeaders) -> bytes:

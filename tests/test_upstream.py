@@ -31,6 +31,7 @@ from moko_guard.upstream import (
     MAX_HEAD_SIZE,
     RECEIVE_BUFFER,
     UpstreamBusy,
+    UpstreamClosed,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamResponse,
@@ -846,7 +847,7 @@ async def test_retry_not_repeated(serve: ServerFactory, make_pool: PoolFactory) 
     with pytest.raises(UpstreamUnreachable) as raised:
         await get(pool, b"/again")
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert len(server.peers) == 2
     assert pool.open_connections == 0
 
@@ -871,7 +872,7 @@ async def test_stale_connection_body_not_retried(serve: ServerFactory, make_pool
         await pool.request(method, b"/submit", headers,
                            body if body is not None else streamed_body())
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert len(server.peers) == 1
     assert server.peers[0].requests[1].endswith(b"\r\n\r\ndata")
     assert pool.open_connections == 0
@@ -889,7 +890,7 @@ async def test_new_connection_closed_not_retried(serve: ServerFactory,
     with pytest.raises(UpstreamUnreachable) as raised:
         await get(pool)
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert len(server.peers) == 1
     assert pool.open_connections == 0
 
@@ -1165,7 +1166,7 @@ async def test_close_inside_head(serve: ServerFactory, make_pool: PoolFactory) -
     with pytest.raises(UpstreamUnreachable) as raised:
         await get(pool)
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert pool.open_connections == 0
 
 
@@ -1176,7 +1177,7 @@ async def test_close_inside_small_body(serve: ServerFactory, make_pool: PoolFact
     with pytest.raises(UpstreamUnreachable) as raised:
         await get(pool)
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert pool.open_connections == 0
 
 
@@ -1188,7 +1189,7 @@ async def test_close_before_small_body(serve: ServerFactory, make_pool: PoolFact
     with pytest.raises(UpstreamUnreachable) as raised:
         await get(pool)
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert len(server.peers) == 1
 
 
@@ -1213,7 +1214,7 @@ async def test_close_inside_body(serve: ServerFactory, make_pool: PoolFactory,
     with pytest.raises(UpstreamUnreachable) as raised:
         await read_all(response)
 
-    assert raised.type is UpstreamUnreachable
+    assert raised.type is UpstreamClosed
     assert not response.complete
     assert pool.open_connections == 0
 
