@@ -9,9 +9,7 @@ runs the same script against ``httpx.AsyncHTTPTransport`` as well.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gzip
-import ipaddress
 import json
 import shutil
 import socket
@@ -26,12 +24,9 @@ from typing import Any
 import certifi
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support.loopback import free_port
-from support.raw_http import HOST, Handler, Peer, RawServer, replying
+from support.nginx import write_self_signed_certificate
+from support.raw_http import HOST, Handler, Peer, RawServer
 
 from moko_guard import Guard, Settings
 from moko_guard.errors import LoginError
@@ -831,36 +826,10 @@ async def test_stream_read_fully_reused(serve: ServerFactory, make_client: Clien
 # --- HTTPS --------------------------------------------------------------------------------
 
 
-def write_self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """Write a self-signed certificate for 127.0.0.1 and its key, and return their paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "moko-guard test provider")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certificate_path = directory / "provider.pem"
-    key_path = directory / "provider.key"
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return certificate_path, key_path
-
-
 @pytest.fixture
 async def tls_server(serve: ServerFactory, tmp_path: Path) -> tuple[RawServer, Path]:
     """Start a TLS server with a self-signed certificate, and return it and the certificate path."""
-    certificate, key = write_self_signed_certificate(tmp_path)
+    certificate, key = write_self_signed_certificate(tmp_path, HOST)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate, key)
     server = await serve(answering(json_response({"issuer": "https"})), ssl_context=context)

@@ -7,8 +7,6 @@ the raw bytes of every request and every connection it accepted.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
@@ -19,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support.loopback import free_port
+from support.nginx import write_self_signed_certificate
 from support.raw_http import HOST, Handler, Peer, RawServer, replying
 
 from moko_guard.upstream import (
@@ -1259,35 +1254,9 @@ async def test_aclose_closes_connection_in_use_after_body(serve: ServerFactory,
 # --- TLS and socket options ----------------------------------------------------------
 
 
-def write_self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """Write a self-signed certificate for 127.0.0.1 and its key, and return their paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "moko-guard test upstream")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certificate_path = directory / "upstream.pem"
-    key_path = directory / "upstream.key"
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return certificate_path, key_path
-
-
 async def test_tls_upstream_verified(serve: ServerFactory, make_pool: PoolFactory,
                                      tmp_path: Path) -> None:
-    certificate, key = write_self_signed_certificate(tmp_path)
+    certificate, key = write_self_signed_certificate(tmp_path, HOST)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(certificate, key)
     client_context = ssl.create_default_context(cafile=str(certificate))
@@ -1324,7 +1293,7 @@ async def test_tls_to_plain_server_unreachable(serve: ServerFactory,
 async def test_tls_record_corrupted(serve: ServerFactory, make_pool: PoolFactory,
                                     tmp_path: Path) -> None:
     """A TLS record that fails to decrypt raises as unreachable and closes the connection."""
-    certificate, key = write_self_signed_certificate(tmp_path)
+    certificate, key = write_self_signed_certificate(tmp_path, HOST)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(certificate, key)
 

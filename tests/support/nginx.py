@@ -167,8 +167,23 @@ def run_nginx(prefix: Path, *, listen_port: int, guard_port: int,
         yield running
 
 
+def _subject_name(host: str) -> object:
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 def write_self_signed_certificate(directory: Path, host: str) -> tuple[Path, Path]:
-    """A one-day self-signed certificate for ``host`` and its key, as PEM files."""
+    """A one-day self-signed certificate for ``host`` (a name or an IP address) and its key.
+
+    The files are ``certificate.pem`` and ``key.pem`` in ``directory``. The
+    certificate is its own CA, so it can be given as a trust anchor.
+    """
     import datetime
 
     from cryptography import x509
@@ -187,7 +202,8 @@ def write_self_signed_certificate(directory: Path, host: str) -> tuple[Path, Pat
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([_subject_name(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
