@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import hmac
 import re
 import secrets
@@ -59,6 +60,8 @@ class FlowManager:
         self.sealer = sealer
         self.clock = clock
         self._consumed: dict[str, float] = {}
+        # The same entries as a heap by expiry, so pruning looks only at expired ones.
+        self._expiries: list[tuple[float, str]] = []
 
     def begin(self, provider: str, redirect_to: str, link_user_id: int | None = None) -> FlowState:
         attempt_id = secrets.token_urlsafe(9)
@@ -91,7 +94,9 @@ class FlowManager:
         return attempt_id if _ATTEMPT_RE.fullmatch(attempt_id) else None
 
     def _prune(self, now: float) -> None:
-        for attempt_id in [a for a, exp in self._consumed.items() if exp < now]:
+        expiries = self._expiries
+        while expiries and expiries[0][0] < now:
+            _, attempt_id = heapq.heappop(expiries)
             del self._consumed[attempt_id]
 
     def resume(self, state: str | None, sealed: str | None) -> FlowState:
@@ -121,4 +126,5 @@ class FlowManager:
         if attempt_id in self._consumed:
             raise LoginError("flow_replayed", "this callback was already used", status=400)
         self._consumed[attempt_id] = flow.expires_at
+        heapq.heappush(self._expiries, (flow.expires_at, attempt_id))
         return flow

@@ -334,3 +334,25 @@ def test_failed_resume_does_not_consume_attempt(flows: FlowManager) -> None:
     resumed = flows.resume(flow.state, sealed)
 
     assert resumed.attempt_id == flow.attempt_id
+
+
+def test_expired_attempts_pruned_in_expiry_order(flows: FlowManager, clock: FakeClock) -> None:
+    """Consumed attempts are forgotten once expired, whatever order they were consumed in."""
+    late = flows.begin("idp", "/")
+    clock.advance(60)
+    early_deadline = flows.begin("idp", "/")
+    early_deadline = FlowState(**{**early_deadline.__dict__, "expires_at": late.expires_at - 30})
+    flows.resume(early_deadline.state, flows.seal(early_deadline))
+    flows.resume(late.state, flows.seal(late))
+    assert len(flows._consumed) == 2
+
+    clock.now = late.expires_at - 1
+    fresh = flows.begin("idp", "/")
+    flows.resume(fresh.state, flows.seal(fresh))
+
+    # Only the attempt whose deadline passed is gone; a replay of the other is still refused.
+    assert early_deadline.attempt_id not in flows._consumed
+    assert late.attempt_id in flows._consumed
+    with pytest.raises(LoginError) as caught:
+        flows.resume(late.state, flows.seal(late))
+    assert_login_error(caught.value, "flow_replayed")
