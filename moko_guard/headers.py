@@ -64,7 +64,7 @@ class IdentityHeaders:
                 logger.debug("stripped_client_identity_header name=%r", key.decode("latin-1"))
                 continue
             if key.lower() == b"cookie":
-                kept = strip_guard_cookies(value.decode("latin-1"), session_cookie)
+                kept = _cookies_without_guard(value.decode("latin-1"), session_cookie)
                 if kept:
                     cleaned.append((b"cookie", kept.encode("latin-1")))
                 continue
@@ -95,6 +95,12 @@ class IdentityHeaders:
                 self._raw_cache.pop(next(iter(self._raw_cache)))
             self._raw_cache[key] = cached
         return list(cached)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cookies_without_guard(cookie_header: str, session_cookie: str) -> str:
+    # Cached: a browser sends the same Cookie header with each request of a session.
+    return strip_guard_cookies(cookie_header, session_cookie)
 
 
 def strip_guard_cookies(cookie_header: str, session_cookie: str) -> str:

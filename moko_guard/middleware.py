@@ -70,7 +70,7 @@ class GuardMiddleware:
 
         scope = dict(scope)
         result = guard.access(scope)
-        if self.bearer.applies(scope, result):
+        if result.decision != "allow" and self.bearer.applies(scope, result):
             try:
                 result = await self.bearer.authenticate(scope, result)
             except BearerRejected as rejection:
@@ -79,15 +79,15 @@ class GuardMiddleware:
         scope["headers"] = guard.identity_headers.strip_request(
             scope.get("headers", []), guard.settings.session.cookie_name
         )
-        scope, send = wrap_login_page(guard, scope, send)
+        if guard.settings.access.login_page_path is not None:
+            scope, send = wrap_login_page(guard, scope, send)
         await self._dispatch(result, scope, receive, send)
 
     async def _dispatch(self, result: AccessResult, scope: Scope, receive: Receive,
                         send: Send) -> None:
         if result.decision == "allow" and result.principal is not None:
             scope[PRINCIPAL_SCOPE_KEY] = result.principal
-            scope["headers"] = [*scope["headers"],
-                                *self.guard.identity_headers.build_raw(result.principal)]
+            scope["headers"] += self.guard.identity_headers.build_raw(result.principal)
             await self.app(scope, receive, send)
         elif result.decision == "anonymous":
             scope[PRINCIPAL_SCOPE_KEY] = None
