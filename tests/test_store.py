@@ -9,6 +9,7 @@ from datetime import UTC, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from moko_guard.audit import AuditEvent, Auditor
 from moko_guard.config import AccessSettings
@@ -102,6 +103,53 @@ async def test_migrations_idempotent(database_path: Path) -> None:
     assert again == store_schema.LATEST_VERSION
     applied = read_sqlite(database_path, "SELECT version FROM moko_schema_version ORDER BY version")
     assert applied == [(v,) for v in sorted(store_schema.MIGRATIONS)]
+
+
+async def test_stores_opening_one_file_together_migrate_once(tmp_path: Path) -> None:
+    """Replicas that start at the same moment on a new SQLite file each end at the latest version."""
+    for round_number in range(3):
+        database_path = tmp_path / f"together-{round_number}.db"
+        stores = [Store(f"sqlite:///{database_path}") for _ in range(4)]
+        try:
+            await asyncio.gather(*(store.open() for store in stores))
+            versions = [await store.upgrade() for store in stores]
+        finally:
+            for store in stores:
+                await store.close()
+
+        assert versions == [store_schema.LATEST_VERSION] * 4
+        applied = read_sqlite(database_path,
+                              "SELECT version FROM moko_schema_version ORDER BY version")
+        assert applied == [(v,) for v in sorted(store_schema.MIGRATIONS)]
+
+
+async def test_migration_retried_after_another_process_wrote_version(
+        database_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Losing the race on the schema version's unique key means the other process migrated."""
+    store = Store(f"sqlite:///{database_path}")
+    await store.open()
+    migrate = store._migrate
+    calls = 0
+
+    async def lose_once() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise IntegrityError("INSERT INTO moko_schema_version", {},
+                                 sqlite3.IntegrityError("UNIQUE constraint failed"))
+        return await migrate()
+
+    monkeypatch.setattr(store, "_migrate", lose_once)
+    try:
+        with caplog.at_level("WARNING", logger="moko_guard.store"):
+            version = await store.upgrade()
+    finally:
+        await store.close()
+
+    assert version == store_schema.LATEST_VERSION
+    assert calls == 2
+    assert "store_migration_retry attempt=1" in caplog.text
 
 
 async def test_closed_store_raises_store_error() -> None:

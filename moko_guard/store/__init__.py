@@ -353,14 +353,14 @@ class Store:
         if not self.is_sqlite:
             return await self._migrate()
         # SQLite has no advisory lock: when another process migrates the same file at the
-        # same moment, one of the two fails on "already exists" or "locked" and tries again,
-        # then finds the migrations applied.
+        # same moment, one of the two fails on "already exists", "locked" or the unique
+        # schema version it also inserted, and tries again, then finds the migrations applied.
         for attempt in range(_BUSY_RETRIES):
             try:
                 return await self._migrate()
-            except OperationalError as exc:
+            except (OperationalError, IntegrityError) as exc:
                 message = str(exc).lower()
-                if "already exists" not in message and "locked" not in message:
+                if not any(sign in message for sign in ("already exists", "locked", "unique")):
                     raise
                 logger.warning("store_migration_retry attempt=%d", attempt + 1)
                 await asyncio.sleep(0.1 * (attempt + 1))
