@@ -16,6 +16,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, Settings, load_settings
@@ -163,16 +164,54 @@ def _check_providers(settings: Settings) -> None:
         raise ConfigError(problems)
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """Return the absolute path of a SQLite store's file, or None for another store."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or "mode=memory" in database:
+        return None
+    return Path(database).expanduser().absolute()
+
+
+def _check_store_location(settings: Settings) -> None:
+    """Raise ConfigError when a SQLite store's folder is missing or not writable."""
+    path = _sqlite_file(settings.store.url)
+    if path is None:
+        return
+    folder = path.parent
+    hint = ("; an absolute path needs four slashes, as in sqlite:////var/lib/moko-guard/guard.db"
+            if not settings.store.url.lower().split("://", 1)[-1].startswith("//") else "")
+    if not folder.is_dir():
+        raise ConfigError([f"store.url: the folder {folder} of the SQLite file does not exist; "
+                           f"create it or correct the path{hint}"])
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError([f"store.url: the folder {folder} of the SQLite file is not writable "
+                           "by this user; the store needs to create its file and journal there"])
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    problems: list[str] = []
     try:
         settings = _load(args.config)
-        _check_providers(settings)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for check in (_check_providers, _check_store_location):
+        try:
+            check(settings)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        print(ConfigError(problems), file=sys.stderr)
+        return 1
     providers = ", ".join(f"{p.id} ({p.type})" for p in settings.providers)
-    print(f"config is valid: mode {settings.server.mode}, providers {providers}, "
-          f"store {settings.store.url.split(':', 1)[0]}")
+    sqlite_file = _sqlite_file(settings.store.url)
+    store = f"sqlite file {sqlite_file}" if sqlite_file else settings.store.url.split(":", 1)[0]
+    print(f"config is valid: mode {settings.server.mode}, providers {providers}, store {store}")
     return 0
 
 

@@ -205,7 +205,8 @@ def test_check_config_accepts_valid_file(
     result = run_cli(capsys, "check-config", "--config", str(config_path))
 
     assert result.code == 0
-    summary = "config is valid: mode sso_only, providers idp (oidc), store sqlite"
+    summary = ("config is valid: mode sso_only, providers idp (oidc), "
+               f"store sqlite file {config_path.parent / 'guard.db'}")
     assert result.out.strip() == summary
     assert CLIENT_SECRET not in result.out
     assert SESSION_SECRET not in result.out
@@ -257,6 +258,54 @@ def test_check_config_reports_server_problem_after_fields(
     assert result.code == 1
     assert "server.enforce_https is on" in result.err
     assert CLIENT_SECRET not in result.err
+
+
+def test_check_config_missing_sqlite_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    absent = tmp_path / "absent-folder"
+    path = tmp_path / "moko-guard.toml"
+    path.write_text(config_text(absent / "guard.db"), encoding="utf-8")
+
+    result = run_cli(capsys, "check-config", "--config", str(path))
+
+    assert result.code == 1
+    assert result.err.startswith("the configuration has 1 problem:")
+    assert f"store.url: the folder {absent} of the SQLite file does not exist" in result.err
+    assert not absent.exists()
+
+
+def test_check_config_relative_sqlite_path_named_with_hint(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three slashes make a relative path: the message shows where it points and the fix."""
+    monkeypatch.chdir(tmp_path)
+    text = config_text(tmp_path / "guard.db")
+    text = text.replace(f"sqlite:///{tmp_path / 'guard.db'}", "sqlite:///var/lib/moko-guard/guard.db")
+    path = tmp_path / "moko-guard.toml"
+    path.write_text(text, encoding="utf-8")
+
+    result = run_cli(capsys, "check-config", "--config", str(path))
+
+    assert result.code == 1
+    assert f"the folder {tmp_path / 'var/lib/moko-guard'} of the SQLite file" in result.err
+    assert "four slashes, as in sqlite:////var/lib/moko-guard/guard.db" in result.err
+
+
+def test_check_config_unwritable_sqlite_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = tmp_path / "moko-guard.toml"
+    path.write_text(config_text(folder / "guard.db"), encoding="utf-8")
+    # root may write anywhere, so the permission check is replaced by one for another user.
+    monkeypatch.setattr("moko_guard.cli.os.access", lambda target, mode: Path(target) != folder)
+
+    result = run_cli(capsys, "check-config", "--config", str(path))
+
+    assert result.code == 1
+    assert f"store.url: the folder {folder} of the SQLite file is not writable" in result.err
 
 
 def test_check_config_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
