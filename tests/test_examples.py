@@ -185,6 +185,8 @@ def test_compose_guard_config_is_valid(tmp_path: Path) -> None:
         MOKO_GUARD_PROVIDER_CORP_ISSUER="https://login.example.test",
         MOKO_GUARD_PROVIDER_CORP_CLIENT_ID="crm",
         OIDC_CLIENT_SECRET="example-client-secret",
+        # The image's /var/lib/moko-guard does not exist on the test machine.
+        MOKO_GUARD_STORE_URL=f"sqlite:///{tmp_path / 'guard.db'}",
     )
 
     result = subprocess.run([sys.executable, "-m", "moko_guard.cli", "check-config"],
