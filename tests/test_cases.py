@@ -523,7 +523,19 @@ MALFORMED_EMAILS = {
 }
 
 
-@pytest.mark.parametrize("email", list(MALFORMED_EMAILS.values()), ids=list(MALFORMED_EMAILS))
+# Malformed addresses that read like the existing user's, so a lax parser would link to her.
+MALFORMED_OWNER_EMAILS = {
+    "owner_trailing_newline": "alice@example.com\n",
+    "owner_trailing_dot": "alice@example.com.",
+    "owner_second_at": "alice@evil.example@example.com",
+    "owner_after_second_at": "alice@example.com@evil.example",
+    "owner_cyrillic_letter": "alice@ex\u0430mple.com",
+    "owner_fullwidth_at": "alice\uff20example.com",
+}
+
+
+@pytest.mark.parametrize("email", [*MALFORMED_EMAILS.values(), *MALFORMED_OWNER_EMAILS.values()],
+                         ids=[*MALFORMED_EMAILS, *MALFORMED_OWNER_EMAILS])
 async def test_malformed_email_never_signs_in_or_links(
     make_harness: MakeHarness, email: str
 ) -> None:
@@ -552,6 +564,8 @@ async def test_malformed_email_never_signs_in_or_links(
     assert [(i.provider, i.subject) for i in identities] == [("google", "g-alice")]
     failures = await audit_rows(harness.guard, "login.failure")
     assert [(f.reason, f.subject) for f in failures] == [("malformed_email", "u-771")]
+    # The audit row keeps the address as sent, with control characters escaped.
+    assert failures[0].email == escape_control(email)
     assert "\n" not in (failures[0].email or "")
 
 
