@@ -1,7 +1,7 @@
 """Benchmark moko_guard on 127.0.0.1: print a table and write bench/results/<time>.json.
 
-    python bench/run.py            # full run (about 15-25 minutes on 2 cores)
-    python bench/run.py --quick    # smoke run (about 3-4 minutes)
+    python bench/run.py            # full run (about 10-15 minutes on 2 cores)
+    python bench/run.py --quick    # smoke run (about 2-3 minutes)
     python bench/run.py --rows 1,3 # a subset
 
 Every figure is a ratio or comparison measured in this run. A missed target
