@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -228,3 +229,31 @@ def sign_in_and_out(browser: Browser, demo: Demo) -> None:
         assert replay.headers["location"].startswith("/oauth2/sign_in"), replay.headers
     finally:
         context.close()
+
+
+def sign_in_over_http(client: httpx.Client, demo: Demo, email: str, rd: str) -> httpx.Response:
+    """Sign in through the demo provider's form without a browser; return the callback's response."""
+    start = client.get(f"{demo.base_url}/oauth2/start", params={"provider": "demo", "rd": rd})
+    assert start.status_code == 302
+    authorize = httpx.URL(start.headers["location"])
+    form = client.post(f"{demo.provider_url}/authorize",
+                       data={**dict(authorize.params), "email": email})
+    assert form.status_code == 302
+    return client.get(form.headers["location"])
+
+
+def test_demo_admin_account_opens_admin_page(demo: Demo) -> None:
+    """The README's demo: admin@example.com has the admin role, any other address does not."""
+    with httpx.Client(timeout=10.0) as admin, httpx.Client(timeout=10.0) as user:
+        admin_callback = sign_in_over_http(admin, demo, "admin@example.com", "/oauth2/admin")
+        user_callback = sign_in_over_http(user, demo, EMAIL, "/oauth2/admin")
+
+        admin_page = admin.get(f"{demo.base_url}/oauth2/admin")
+        user_page = user.get(f"{demo.base_url}/oauth2/admin")
+
+    assert admin_callback.status_code == 302
+    assert admin_callback.headers["location"] == "/oauth2/admin"
+    assert admin_page.status_code == 200
+    assert "admin@example.com" in admin_page.text
+    assert user_callback.status_code == 302
+    assert user_page.status_code == 403

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 DEMO_HOST = "127.0.0.1"
 DEMO_CLIENT_ID = "moko-demo"
 DEMO_EMAIL_DOMAIN = "example.com"
+# Signing in with this address gives the admin role, so the admin page can be tried.
+DEMO_ADMIN_EMAIL = f"admin@{DEMO_EMAIL_DOMAIN}"
 SAMPLE_CRM_PATH = Path(__file__).resolve().parents[2] / "examples" / "sample_crm.py"
 
 
@@ -93,6 +95,15 @@ def _bind(port: int) -> socket.socket:
     return sock
 
 
+async def create_demo_admin(crm: GuardMiddleware) -> None:
+    """Create the demo's admin user, tied to the subject the demo provider gives its address."""
+    await crm.guard.store.create_user_with_identity(
+        username=DEMO_ADMIN_EMAIL, email=DEMO_ADMIN_EMAIL, display_name="Demo admin",
+        roles=["user", "admin"], provider="demo", subject=DemoProvider.subject_of(DEMO_ADMIN_EMAIL),
+        identity_email=DEMO_ADMIN_EMAIL,
+    )
+
+
 async def _serve(port: int, provider_port: int, data_dir: Path) -> None:
     client_secret = secrets.token_urlsafe(32)
     settings = demo_settings(port, provider_port, data_dir, client_secret)
@@ -116,9 +127,12 @@ async def _serve(port: int, provider_port: int, data_dir: Path) -> None:
             break
         await asyncio.sleep(0.05)
     if all(server.started for server in servers):
+        await create_demo_admin(crm)
         print(f"moko_guard demo is running. Open http://{DEMO_HOST}:{port}/ in a browser.")
         print(f"Sign in with any email at {DEMO_EMAIL_DOMAIN} on the demo provider "
-              f"(http://{DEMO_HOST}:{provider_port}). Press Ctrl+C to stop.", flush=True)
+              f"(http://{DEMO_HOST}:{provider_port}); {DEMO_ADMIN_EMAIL} also opens the "
+              f"admin page at http://{DEMO_HOST}:{port}/oauth2/admin. Press Ctrl+C to stop.",
+              flush=True)
     done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for server in servers:
         server.should_exit = True

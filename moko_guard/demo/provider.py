@@ -55,6 +55,11 @@ class DemoProvider:
     _codes: dict[str, _Grant] = field(default_factory=dict)
     _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
 
+    @staticmethod
+    def subject_of(email: str) -> str:
+        """Return the ``sub`` this provider gives an email address."""
+        return "demo-" + email
+
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/.well-known/openid-configuration", self.discovery),
@@ -149,7 +154,7 @@ button{{margin-top:12px;padding:10px 16px;font-size:1rem}}</style></head><body>
             return JSONResponse({"error": "invalid_grant"}, status_code=400)
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.issuer, "aud": self.client_id, "sub": "demo-" + grant.email,
+            "iss": self.issuer, "aud": self.client_id, "sub": self.subject_of(grant.email),
             "email": grant.email, "email_verified": True, "name": grant.email.split("@")[0].title(),
             "preferred_username": grant.email.split("@")[0], "iat": now, "exp": now + 300,
         }
@@ -167,4 +172,4 @@ button{{margin-top:12px;padding:10px 16px;font-size:1rem}}</style></head><body>
         if entry is None or entry[1] < time.time():
             return JSONResponse({"error": "invalid_token"}, status_code=401)
         email = entry[0]
-        return JSONResponse({"sub": "demo-" + email, "email": email, "email_verified": True})
+        return JSONResponse({"sub": self.subject_of(email), "email": email, "email_verified": True})
