@@ -12,7 +12,7 @@ configuration and prints the ``--add`` value for it:
 It starts two servers on free ports of 127.0.0.1: the guard's forward-auth
 server (``moko-guard serve`` without an upstream, uvloop and httptools, one
 worker) and nginx from ``bench/nginx.conf.in``. Then it writes three things
-into the state folder. ``add.txt`` holds the ``--add`` value. ``cookie.txt``
+into the state folder. ``add.txt`` contains the ``--add`` value. ``cookie.txt``
 is a valid session cookie, issued straight from the guard's store rather
 than through a sign-in, which the harness does not measure. The two PID
 files are where the harness reads CPU time from. The script stays in the

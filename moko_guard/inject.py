@@ -60,6 +60,9 @@ def _is_login_page(guard: Guard, scope: Scope) -> bool:
 
 def wrap_login_page(guard: Guard, scope: Scope, send: Send) -> tuple[Scope, Send]:
     """Return the scope and send to use: wrapped for the login page, unchanged otherwise."""
+    if guard.settings.access.login_page_path is None:
+        # Off by default: every request of the guard and the proxy passes here.
+        return scope, send
     if scope.get(SCOPE_KEY) or not _is_login_page(guard, scope):
         return scope, send
     scope = dict(scope)

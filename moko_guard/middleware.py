@@ -70,7 +70,7 @@ class GuardMiddleware:
 
         scope = dict(scope)
         result = guard.access(scope)
-        if result.decision != "allow" and self.bearer.applies(scope, result):
+        if self.bearer.applies(scope, result):
             try:
                 result = await self.bearer.authenticate(scope, result)
             except BearerRejected as rejection:
@@ -79,8 +79,7 @@ class GuardMiddleware:
         scope["headers"] = guard.identity_headers.strip_request(
             scope.get("headers", []), guard.settings.session.cookie_name
         )
-        if guard.settings.access.login_page_path is not None:
-            scope, send = wrap_login_page(guard, scope, send)
+        scope, send = wrap_login_page(guard, scope, send)
         await self._dispatch(result, scope, receive, send)
 
     async def _dispatch(self, result: AccessResult, scope: Scope, receive: Receive,

@@ -132,7 +132,7 @@ class SignInPolicy:
                             identity.provider, attempt, exc.detail)
             except EmailTaken:
                 if not self.access.link_by_verified_email or attempt == _PLAN_ATTEMPTS:
-                    raise LoginError("email_in_use", "another user holds this email") from None
+                    raise LoginError("email_in_use", "the email belongs to another user") from None
                 # The next plan finds the email's owner and links the identity to it.
                 logger.info("sign_in_planned_again provider=%s attempt=%d detail=email_taken",
                             identity.provider, attempt)

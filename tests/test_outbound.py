@@ -16,7 +16,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ import httpx
 import pytest
 from support.loopback import free_port
 from support.nginx import write_self_signed_certificate
-from support.raw_http import HOST, Handler, Peer, RawServer
+from support.raw_http import HOST, Handler, Peer, RawServer, ServerFactory, closing_after, ok
+from support.raw_http import serve  # noqa: F401 - the pytest fixture the tests name
 
 from moko_guard import Guard, Settings
 from moko_guard.errors import LoginError
@@ -41,18 +42,11 @@ TIMEOUT = 0.3
 MAX_WAIT = 1.5
 SHORT = httpx.Timeout(TIMEOUT)
 
-ServerFactory = Callable[..., Awaitable[RawServer]]
 ClientFactory = Callable[..., httpx.AsyncClient]
 
 # Environment variables that send httpx requests through a proxy or exempt hosts from it.
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
                    "http_proxy", "https_proxy", "all_proxy", "no_proxy")
-
-
-def ok(body: bytes = b"", *headers: str, status: str = "200 OK") -> bytes:
-    """Build a response with ``Content-Length`` framing, after the given header lines."""
-    lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def json_response(document: object, *, status: str = "200 OK") -> bytes:
@@ -80,17 +74,6 @@ def stalling_after(data: bytes) -> Handler:
     return handle
 
 
-def closing_after(data: bytes) -> Handler:
-    """Build a handler that sends ``data`` for the first request and then closes with a FIN."""
-
-    async def handle(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(data)
-        peer.close()
-
-    return handle
-
-
 def head_lines(request: bytes) -> list[bytes]:
     """Return the request line and the header lines of a raw request."""
     head, _, _ = request.partition(b"\r\n\r\n")
@@ -114,22 +97,6 @@ def body_of(request: bytes) -> bytes:
 async def wait_for_event(event: asyncio.Event) -> None:
     async with asyncio.timeout(MAX_WAIT):
         await event.wait()
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[ServerFactory]:
-    """Start raw servers for one test and stop them at its end."""
-    servers: list[RawServer] = []
-
-    async def start(handler: Handler, **options: Any) -> RawServer:
-        server = RawServer(handler, **options)
-        await server.__aenter__()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in reversed(servers):
-        await server.__aexit__(None, None, None)
 
 
 @pytest.fixture

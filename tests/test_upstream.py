@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from support.loopback import free_port
 from support.nginx import write_self_signed_certificate
-from support.raw_http import HOST, Handler, Peer, RawServer, replying
+from support.raw_http import HOST, Handler, Peer, ServerFactory, closing_after, ok, replying
+from support.raw_http import serve  # noqa: F401 - the pytest fixture the tests name
 
 from moko_guard.upstream import (
     CHUNK_SIZE,
@@ -42,30 +43,7 @@ TIMEOUT = 0.3
 MAX_WAIT = 1.5
 HEAD = [(b"Host", b"upstream.test")]
 
-ServerFactory = Callable[..., Awaitable[RawServer]]
 PoolFactory = Callable[..., UpstreamPool]
-
-
-def ok(body: bytes = b"", *headers: str, status: str = "200 OK") -> bytes:
-    """Build a response with ``Content-Length`` framing, after the given header lines."""
-    lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[ServerFactory]:
-    """Start raw servers for one test and stop them at its end."""
-    servers: list[RawServer] = []
-
-    async def start(handler: Handler, **options: Any) -> RawServer:
-        server = RawServer(handler, **options)
-        await server.__aenter__()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in reversed(servers):
-        await server.__aexit__(None, None, None)
 
 
 class RecordingPool(UpstreamPool):
@@ -1144,18 +1122,15 @@ async def test_send_stall_times_out(serve: ServerFactory, make_pool: PoolFactory
 # --- premature close -----------------------------------------------------------------
 
 
-def closing_after(data: bytes) -> Handler:
-    """Build a handler that sends ``data`` for the first request, then closes."""
-    async def handle(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(data)
-        peer.close()
-
-    return handle
-
-
-async def test_close_inside_head(serve: ServerFactory, make_pool: PoolFactory) -> None:
-    server = await serve(closing_after(b"HTTP/1.1 200 OK\r\nContent-Le"))
+@pytest.mark.parametrize("sent", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Le", id="inside_head"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", id="inside_small_body"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", id="before_small_body"),
+])
+async def test_close_before_response_returned(serve: ServerFactory, make_pool: PoolFactory,
+                                              sent: bytes) -> None:
+    """A close after part of the response is not a stale connection, so the request is not resent."""
+    server = await serve(closing_after(sent))
     pool = make_pool(server.port)
 
     with pytest.raises(UpstreamUnreachable) as raised:
@@ -1163,28 +1138,6 @@ async def test_close_inside_head(serve: ServerFactory, make_pool: PoolFactory) -
 
     assert raised.type is UpstreamClosed
     assert pool.open_connections == 0
-
-
-async def test_close_inside_small_body(serve: ServerFactory, make_pool: PoolFactory) -> None:
-    server = await serve(closing_after(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf."))
-    pool = make_pool(server.port)
-
-    with pytest.raises(UpstreamUnreachable) as raised:
-        await get(pool)
-
-    assert raised.type is UpstreamClosed
-    assert pool.open_connections == 0
-
-
-async def test_close_before_small_body(serve: ServerFactory, make_pool: PoolFactory) -> None:
-    """A close after the head is not a stale connection, so the request is not resent."""
-    server = await serve(closing_after(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"))
-    pool = make_pool(server.port)
-
-    with pytest.raises(UpstreamUnreachable) as raised:
-        await get(pool)
-
-    assert raised.type is UpstreamClosed
     assert len(server.peers) == 1
 
 

@@ -699,7 +699,7 @@ class Store:
 
         Raises :class:`SignInConflict` when a concurrent request changed the rows
         the plan was made from (plan again), :class:`EmailTaken` when another user
-        holds a new user's email, and :class:`StoreError` for other failures. In
+        has a new user's email, and :class:`StoreError` for other failures. In
         every case nothing was written.
         """
 

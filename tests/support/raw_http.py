@@ -11,9 +11,11 @@ import asyncio
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+
+import pytest
 
 HOST = "127.0.0.1"
 
@@ -163,5 +165,42 @@ def replying(*responses: bytes) -> Handler:
                 return
             await peer.send(queue.pop(0))
         await peer.wait_closed_by_client()
+
+    return handle
+
+
+# Starts a RawServer for a test: ``await serve(handler, **options)``.
+ServerFactory = Callable[..., Awaitable[RawServer]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServerFactory]:
+    """Start raw servers for one test and stop them at its end."""
+    servers: list[RawServer] = []
+
+    async def start(handler: Handler, **options: Any) -> RawServer:
+        server = RawServer(handler, **options)
+        await server.__aenter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.__aexit__(None, None, None)
+
+
+def ok(body: bytes = b"", *headers: str, status: str = "200 OK") -> bytes:
+    """Build a response with ``Content-Length`` framing, after the given header lines."""
+    lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def closing_after(data: bytes) -> Handler:
+    """Build a handler that sends ``data`` for the first request and then closes with a FIN."""
+
+    async def handle(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(data)
+        peer.close()
 
     return handle
